@@ -1,0 +1,685 @@
+"""The read stage: resolve an input URI, list its shards, read them into one row per image.
+
+Inputs (``--input``: a local directory, a ``file://`` URI or ``s3://bucket/prefix``; one object works too):
+
+- loose image files: every object under the prefix, recursively, whatever its extension;
+  key = path relative to the input root with ``/`` separators.
+- webdataset ``.tar`` shards: members are grouped by sample key (member path up to the first ``.`` of its
+  basename) across the whole archive, so unsorted members are fine; the image is the first existing
+  extension of :data:`IMAGE_EXTENSIONS` (case-insensitive); key = ``<shard rel>#<sample key>``.
+- Parquet files with an image-bytes column (``binary``, or a struct with a ``bytes`` field as Hugging Face
+  datasets write it); key = ``<file rel>#<row index>``, or ``str(value)`` of ``key_column`` when given.
+
+Listing ignores every path with a component starting with ``_`` or ``.`` (markers, hidden files, staging
+dirs), as pyarrow.dataset and Spark do. ``format="auto"`` decides by extension: all ``.tar`` → webdataset,
+all ``.parquet`` → parquet, neither present → loose files; a mix of containers and other objects is an
+:class:`InputError` asking for ``--format``. A forced ``webdataset``/``parquet`` reads only the objects with
+that extension (sidecar files such as indexes are skipped); a forced ``files`` reads every object.
+
+Nothing in :class:`ReadShards` raises for a bad input: every problem becomes a row whose ``error`` starts with
+``"read: "``. A problem that concerns a whole container rather than one image (truncated or corrupt tar,
+unreadable or unsuitable Parquet file, unreadable row groups) yields ONE row per shard with the key
+``<shard rel>#.error`` (:data:`SHARD_ERROR_SUFFIX`); that key cannot clash with a sample key (a sample key's
+last component never contains a dot) nor with a row index, so it is unique and deterministic.
+
+Memory: a tar shard is streamed; a sample is emitted as soon as its top-preference (``.jpg``) member is read,
+other samples are held (their image bytes only) until the end of the shard, or until ``max_pending_bytes``
+is exceeded, when the held samples that have an image are emitted early. Parquet is read one record batch of
+``rows_per_batch`` rows at a time. No object larger than ``max_image_bytes`` is read into memory.
+
+Transient S3 failures are retried by the AWS SDK (``AwsStandardS3RetryStrategy``, exponential backoff) and
+then, for failures in the middle of a body, ``retries`` more times here (a tar shard is re-streamed, samples
+already emitted are skipped; a Parquet row group is re-read from where it failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "files", "webdataset", "parquet")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")  # tar member preference order
+TAR_SUFFIXES = (".tar",)
+PARQUET_SUFFIXES = (".parquet",)
+OUTPUT_COLUMNS = ("key", "shard", "bytes", "error")
+SHARD_ERROR_SUFFIX = "#.error"
+_IMAGE_RANK = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
+DEFAULT_MAX_PENDING_BYTES = 1024 * 2**20
+STREAM_BUFFER_BYTES = 8 * 2**20  # one ranged GET per 8 MiB when streaming a tar from S3
+S3_MAX_ATTEMPTS = 5
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 60.0  # a stalled transfer fails (and is retried) instead of hanging forever
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+T = TypeVar("T")
+
+
+class InputError(ValueError):
+    """The input cannot be read at all; the message is one sentence a user can act on."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# URIs and filesystems
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Maps a local path, ``file://`` URI or ``s3://bucket/prefix`` to (filesystem, path in it).
+
+    Does not check that the path exists (outputs use it too). The S3 filesystem takes its settings from the
+    standard AWS environment: ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (e.g. MinIO), ``AWS_REGION`` or
+    ``AWS_DEFAULT_REGION``, and credentials through the SDK's default chain (environment, profile, instance).
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise InputError("No input given: pass a local directory or an s3://bucket/prefix URI.")
+    uri = uri.strip()
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), _local_path(uri)
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(f"Cannot use {uri!r}: file:// URIs must name a local path (file:///abs/path).")
+        return pafs.LocalFileSystem(), _local_path(unquote(parsed.path))
+    if scheme == "s3":
+        bucket = parsed.netloc
+        if not bucket:
+            raise InputError(f"Cannot use {uri!r}: an S3 URI needs a bucket, as in s3://bucket/prefix.")
+        prefix = unquote(parsed.path).strip("/")
+        return s3_filesystem(), f"{bucket}/{prefix}" if prefix else bucket
+    raise InputError(
+        f"Cannot use {uri!r}: the scheme {scheme!r} is not supported; use a local path or s3://bucket/prefix."
+    )
+
+
+def _local_path(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    return path if path == "/" else path.rstrip("/")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3FileSystem configured from the AWS environment, with retries and timeouts.
+
+    pyarrow's ``S3FileSystem()`` constructor ignores ``AWS_ENDPOINT_URL`` (only ``FileSystem.from_uri``
+    reads it), so the endpoint is parsed here. No credential is passed explicitly: the SDK's default chain
+    reads them, and nothing secret ends up in a pickled filesystem.
+    """
+    kwargs: dict[str, Any] = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "request_timeout": S3_REQUEST_TIMEOUT_S,
+    }
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "").strip()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise InputError(f"AWS_ENDPOINT_URL={endpoint!r} is not an http(s) URL such as http://host:9000.")
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _redact(text: str) -> str:
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _describe(exc: BaseException, limit: int = 400) -> str:
+    """``ExceptionClass: message`` on one line, secrets removed, bounded length."""
+    msg = " ".join(str(exc).split())
+    text = _redact(f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Listing
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # path in resolve_uri(input)'s filesystem
+    rel: str  # path relative to the input root, '/' separators
+    kind: str  # "file" | "webdataset" | "parquet"
+    size: int
+
+
+def shards_to_items(shards: list[Shard]) -> list[dict[str, Any]]:
+    """Rows for ``ray.data.from_items``: the columns ReadShards expects (path, rel, kind, size)."""
+    return [asdict(s) for s in shards]
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def _classify(rel: str) -> str:
+    name = rel.lower()
+    if name.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "file"
+
+
+def list_shards(uri: str, format: str = "auto") -> list[Shard]:
+    """Lists the input recursively into shards sorted by ``rel``; InputError when there is nothing to read."""
+    if format not in FORMATS:
+        raise InputError(f"Unknown input format {format!r}: choose one of {', '.join(FORMATS)}.")
+    fs, root = resolve_uri(uri)
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"Input {uri} does not exist.")
+        if info.type == pafs.FileType.File:
+            entries = [(info, info.base_name)]
+        else:
+            selector = pafs.FileSelector(root, recursive=True)
+            base = root.rstrip("/") + "/"
+            entries = [
+                (i, i.path[len(base) :])
+                for i in fs.get_file_info(selector)
+                if i.type == pafs.FileType.File and i.path.startswith(base)
+            ]
+            entries = [(i, rel) for i, rel in entries if not _hidden(rel)]
+    except InputError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise _listing_error(uri, e) from None
+
+    if not entries:
+        raise InputError(
+            f"Input {uri} is empty: no files under it (names starting with '_' or '.' are ignored)."
+        )
+    classes = [_classify(rel) for _, rel in entries]
+    if format == "auto":
+        found = set(classes)
+        if len(found) > 1:
+            n_tar, n_pq = classes.count("webdataset"), classes.count("parquet")
+            n_other = classes.count("file")
+            raise InputError(
+                f"Input {uri} mixes {n_tar} .tar, {n_pq} .parquet and {n_other} other files; pass --format "
+                "webdataset or parquet to read only those files, or --format files to read every file as "
+                "an image."
+            )
+        kind, chosen = found.pop(), entries
+    elif format == "files":
+        kind, chosen = "file", entries
+    else:
+        kind = format
+        chosen = [(i, rel) for (i, rel), c in zip(entries, classes, strict=True) if c == kind]
+        if not chosen:
+            suffix = TAR_SUFFIXES[0] if kind == "webdataset" else PARQUET_SUFFIXES[0]
+            raise InputError(f"Input {uri} has no {suffix} files, which --format {format} reads.")
+    shards = [Shard(path=i.path, rel=rel, kind=kind, size=int(i.size or 0)) for i, rel in chosen]
+    return sorted(shards, key=lambda s: s.rel)
+
+
+def _listing_error(uri: str, exc: BaseException) -> InputError:
+    text = str(exc)
+    if isinstance(exc, PermissionError) or any(
+        code in text for code in ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "SIGNATURE")
+    ):
+        return InputError(
+            f"Access to {uri} was denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
+            f"and the bucket's permissions ({_describe(exc, 200)})."
+        )
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+        return InputError(f"Input {uri}: the bucket does not exist.")
+    if "NETWORK_CONNECTION" in text or "curlCode" in text or "connect" in text.lower():
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        return InputError(
+            f"Cannot reach the S3 endpoint ({endpoint}) to list {uri}: check AWS_ENDPOINT_URL and the "
+            f"network ({_describe(exc, 200)})."
+        )
+    return InputError(f"Cannot list input {uri}: {_describe(exc, 300)}.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class _Sample:
+    """A tar sample being assembled: extensions seen, and its best image member so far."""
+
+    exts: list[str] = field(default_factory=list)
+    rank: int = len(IMAGE_EXTENSIONS)  # preference rank of the chosen image member; len() = none yet
+    data: bytes | None = None
+    error: str | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.rank < len(IMAGE_EXTENSIONS)
+
+
+@dataclass
+class _TarNotes:
+    """What tarfile skipped or could not read in one pass (filled by _tarinfo_class's hook)."""
+
+    zero_blocks: int = 0
+    bad_blocks: int = 0
+    first_bad_offset: int = -1
+    truncated_header_at: int = -1
+    problems: list[str] = field(default_factory=list)
+
+
+# tarfile's header exceptions: in CPython since 3.2, though not in its docs (nor typeshed).
+_EOF_HEADER: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_INVALID_HEADER: type[Exception] = tarfile.InvalidHeaderError  # type: ignore[attr-defined]
+_TRUNCATED_HEADER: type[Exception] = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+
+
+def _tarinfo_class(notes: _TarNotes) -> type[tarfile.TarInfo]:
+    """A TarInfo subclass that records the header blocks tarfile skips with ``ignore_zeros=True``."""
+
+    class _Info(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+            try:
+                return super().fromtarfile(tf)
+            except _EOF_HEADER:
+                notes.zero_blocks += 1
+                raise
+            except _INVALID_HEADER:
+                notes.bad_blocks += 1
+                if notes.first_bad_offset < 0:
+                    notes.first_bad_offset = tf.offset
+                raise
+            except _TRUNCATED_HEADER:
+                notes.truncated_header_at = tf.offset
+                raise
+
+    return _Info
+
+
+def _sample_key(name: str) -> tuple[str, str] | None:
+    """webdataset's split: ``dir/base.ext.more`` → (``dir/base``, ``ext.more``); None for non-sample names."""
+    while name.startswith("./"):
+        name = name[2:]
+    dirname, _, base = name.rpartition("/")
+    if not base or base.startswith(".") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{dirname}/{stem}" if dirname else stem), ext
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and not isinstance(
+        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    )
+
+
+Row = tuple[str, "bytes | None", "str | None"]  # key, bytes, error (the shard column is added by ReadShards)
+
+
+class ReadShards:
+    """Ray Data ``map_batches`` callable: shard descriptors in, image rows out (a generator).
+
+    In: columns ``path``, ``rel``, ``kind``, ``size`` (see :func:`shards_to_items`). Out: batches of at most
+    ``rows_per_batch`` rows with ``key`` (str), ``shard`` (str, the Shard's rel), ``bytes`` (bytes or None)
+    and ``error`` (str or None), all numpy object arrays. Never raises for a bad input.
+
+    The filesystem is built lazily in the worker and is not pickled with the callable.
+    """
+
+    def __init__(
+        self,
+        input_uri: str,
+        image_column: str = "image",
+        key_column: str | None = None,
+        rows_per_batch: int = 256,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        retries: int = 2,
+        retry_backoff_s: float = 0.5,
+        filesystem: pafs.FileSystem | None = None,
+    ) -> None:
+        if rows_per_batch < 1:
+            raise ValueError("rows_per_batch must be >= 1")
+        self.input_uri = input_uri
+        self.image_column = image_column or "image"
+        self.key_column = key_column or None
+        self.rows_per_batch = int(rows_per_batch)
+        self.max_image_bytes = int(max_image_bytes)
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.retries = max(0, int(retries))
+        self.retry_backoff_s = float(retry_backoff_s)
+        self._fs = filesystem
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = resolve_uri(self.input_uri)[0]
+        return self._fs
+
+    # -- batching
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        rows: list[tuple[str, str, bytes | None, str | None]] = []
+        for path, rel, kind, size in zip(
+            batch["path"], batch["rel"], batch["kind"], batch["size"], strict=True
+        ):
+            for key, data, error in self.read_shard(Shard(str(path), str(rel), str(kind), int(size))):
+                rows.append((key, str(rel), data, error))
+                if len(rows) >= self.rows_per_batch:
+                    yield _to_batch(rows)
+                    rows = []
+        if rows:
+            yield _to_batch(rows)
+
+    def read_shard(self, shard: Shard) -> Iterator[Row]:
+        """The rows of one shard; an unexpected failure becomes the shard's error row."""
+        readers: dict[str, Callable[[Shard], Iterator[Row]]] = {
+            "file": self._read_file,
+            "webdataset": self._read_tar,
+            "parquet": self._read_parquet,
+        }
+        reader = readers.get(shard.kind)
+        if reader is None:
+            yield shard.rel + SHARD_ERROR_SUFFIX, None, f"read: unknown shard kind {shard.kind!r}"
+            return
+        shard_error_sent = False
+        try:
+            for row in reader(shard):
+                shard_error_sent = shard_error_sent or row[0] == shard.rel + SHARD_ERROR_SUFFIX
+                yield row
+        except Exception as e:  # a bug or an unforeseen failure: still a row, never a crashed job
+            log.exception("reading %s failed", shard.rel)
+            if not shard_error_sent:
+                yield shard.rel + SHARD_ERROR_SUFFIX, None, f"read: {_describe(e)}"
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as e:
+                if attempt >= self.retries or not _transient(e):
+                    raise
+                self._backoff(what, attempt, e)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, what: str, attempt: int, exc: BaseException) -> None:
+        delay = self.retry_backoff_s * 2**attempt
+        log.warning("retrying %s in %.1fs after %s", what, delay, _describe(exc, 200))
+        time.sleep(delay)
+
+    def _too_big(self, what: str, size: int) -> str:
+        return f"read: {what} is {size} bytes, over the limit of {self.max_image_bytes} bytes"
+
+    # -- loose files
+
+    def _read_file(self, shard: Shard) -> Iterator[Row]:
+        if shard.size > self.max_image_bytes:
+            yield shard.rel, None, self._too_big("image object", shard.size)
+            return
+        try:
+            data = self._retry(shard.rel, lambda: self._read_object(shard.path, shard.size))
+        except Exception as e:
+            yield shard.rel, None, f"read: {_describe(e)}"
+            return
+        if len(data) > self.max_image_bytes:
+            yield shard.rel, None, self._too_big("image object", len(data))
+        else:
+            yield shard.rel, data, None
+
+    def _read_object(self, path: str, size: int) -> bytes:
+        """The object's bytes, reading at most max_image_bytes + 1 (it may have grown since listing)."""
+        with self.fs.open_input_stream(path, compression=None) as f:
+            data = f.read(min(size, self.max_image_bytes) + 1)
+            if len(data) > size and len(data) <= self.max_image_bytes:
+                data += f.read(self.max_image_bytes + 1 - len(data))
+        return bytes(data)
+
+    # -- webdataset tar shards
+
+    def _read_tar(self, shard: Shard) -> Iterator[Row]:
+        done: set[str] = set()  # sample keys already emitted (survives a restart after a transient failure)
+        for attempt in range(self.retries + 1):
+            try:
+                yield from self._tar_pass(shard, done, salvage=attempt == self.retries)
+                return
+            except Exception as e:
+                if attempt < self.retries and _transient(e):
+                    self._backoff(shard.rel, attempt, e)
+                    continue
+                what = "could not be opened" if not done else "could not be read to the end"
+                yield shard.rel + SHARD_ERROR_SUFFIX, None, f"read: tar shard {what}: {_describe(e)}"
+                return
+
+    def _tar_pass(self, shard: Shard, done: set[str], salvage: bool) -> Iterator[Row]:
+        """One streaming pass over a tar shard; rows of samples in ``done`` are not emitted again.
+
+        Samples are held in ``pending`` (first-seen order) until no preferable image member can follow.
+        ``salvage`` (the last attempt): on a failure, emit the held samples that have an image, then re-raise.
+        """
+        pending: dict[str, _Sample] = {}
+        try:
+            yield from self._tar_stream(shard, done, pending)
+        except Exception:
+            if salvage:
+                for key in [k for k, s in pending.items() if s.has_image]:
+                    yield _emit(shard, done, key, pending.pop(key))
+            raise
+
+    def _tar_stream(self, shard: Shard, done: set[str], pending: dict[str, _Sample]) -> Iterator[Row]:
+        notes = _TarNotes()
+        pending_bytes = 0
+        with self.fs.open_input_stream(shard.path, compression=None, buffer_size=STREAM_BUFFER_BYTES) as raw:
+            try:
+                tf = tarfile.open(  # noqa: SIM115 (closed by the `with tf` below)
+                    fileobj=raw,  # type: ignore[arg-type]
+                    mode="r|",
+                    ignore_zeros=True,  # skip damaged header blocks and resynchronise on the next member
+                    tarinfo=_tarinfo_class(notes),
+                )
+            except tarfile.ReadError as e:
+                yield shard.rel + SHARD_ERROR_SUFFIX, None, f"read: not a readable tar archive ({e})"
+                return
+            with tf:
+                try:
+                    for member in tf:
+                        tf.members.clear()  # type: ignore[attr-defined]  # stream mode would otherwise keep every header in memory
+                        split = _sample_key(member.name) if member.isfile() else None
+                        if split is None or split[0] in done:
+                            continue  # dirs, links, names without extension, late members of emitted samples
+                        key, ext = split
+                        sample = pending.setdefault(key, _Sample())
+                        sample.exts.append(ext)
+                        rank = _IMAGE_RANK.get(ext.lower())
+                        if rank is None or rank >= sample.rank:
+                            continue
+                        pending_bytes -= len(sample.data or b"")
+                        sample.rank, sample.data, sample.error = rank, None, None
+                        if member.size > self.max_image_bytes:
+                            sample.error = self._too_big(f"tar member {member.name!r}", member.size)
+                        else:
+                            try:
+                                sample.data = tf.extractfile(member).read()  # type: ignore[union-attr]
+                                pending_bytes += len(sample.data)
+                            except tarfile.ReadError as e:  # the archive ends inside this member
+                                sample.error = f"read: tar member {member.name!r} is truncated ({e})"
+                                notes.problems.append(f"the archive ends inside member {member.name!r}")
+                                break
+                        if rank == 0:  # nothing can be preferred to it: emit now, keep memory flat
+                            yield _emit(shard, done, key, pending.pop(key))
+                        elif pending_bytes > self.max_pending_bytes:  # exactness yields to bounded memory
+                            for k in [k for k, s in pending.items() if s.has_image]:
+                                yield _emit(shard, done, k, pending.pop(k))
+                            pending_bytes = 0
+                except tarfile.ReadError as e:  # the archive ends inside a member that was skipped
+                    notes.problems.append(f"the archive ends early ({e})")
+                end = tf.fileobj.tell() if tf.fileobj is not None else -1
+        for key in list(pending):
+            yield _emit(shard, done, key, pending.pop(key))
+        problem = _tar_problem(notes, end)
+        if problem:
+            yield shard.rel + SHARD_ERROR_SUFFIX, None, f"read: tar shard is damaged: {problem}"
+
+    # -- Parquet
+
+    def _read_parquet(self, shard: Shard) -> Iterator[Row]:
+        err_key = shard.rel + SHARD_ERROR_SUFFIX
+        try:
+            pf = self._retry(
+                shard.rel,
+                lambda: pq.ParquetFile(
+                    self.fs.open_input_file(shard.path), buffer_size=STREAM_BUFFER_BYTES, pre_buffer=False
+                ),
+            )
+        except Exception as e:
+            yield err_key, None, f"read: not a readable Parquet file: {_describe(e)}"
+            return
+        schema = pf.schema_arrow
+        names = schema.names
+        if self.image_column not in names:
+            yield (
+                err_key,
+                None,
+                (
+                    f"read: Parquet file has no column {self.image_column!r} (columns: {', '.join(names)}); "
+                    "pass --image-column"
+                ),
+            )
+            return
+        image_type = schema.field(self.image_column).type
+        struct_bytes = pa.types.is_struct(image_type)
+        if struct_bytes:
+            idx = image_type.get_field_index("bytes")
+            ok = idx >= 0 and _is_binary(image_type.field(idx).type)
+        else:
+            ok = _is_binary(image_type)
+        if not ok:
+            yield (
+                err_key,
+                None,
+                (
+                    f"read: Parquet column {self.image_column!r} has type {image_type}, not image bytes "
+                    "(binary, or a struct with a binary 'bytes' field); pass --image-column"
+                ),
+            )
+            return
+        if self.key_column is not None and self.key_column not in names:
+            yield (
+                err_key,
+                None,
+                (
+                    f"read: Parquet file has no key column {self.key_column!r} (has: {', '.join(names)}); "
+                    "pass --key-column"
+                ),
+            )
+            return
+        columns = [self.image_column]
+        if self.key_column is not None and self.key_column != self.image_column:
+            columns.append(self.key_column)
+
+        problems: list[str] = []
+        first = 0  # index of the row group's first row in the file
+        for rg in range(pf.num_row_groups):
+            n_rows = pf.metadata.row_group(rg).num_rows
+            read = 0  # rows of this row group already emitted
+            for attempt in range(self.retries + 1):
+                try:
+                    seen = 0
+                    for rb in pf.iter_batches(
+                        batch_size=self.rows_per_batch, row_groups=[rg], columns=columns, use_threads=False
+                    ):
+                        if seen + rb.num_rows <= read:  # emitted before a retry
+                            seen += rb.num_rows
+                            continue
+                        images = rb.column(0).to_pylist()
+                        keys = rb.column(1).to_pylist() if len(columns) > 1 else None
+                        for j in range(max(0, read - seen), rb.num_rows):
+                            yield self._parquet_row(shard.rel, first + seen + j, images[j], keys, j)
+                            read = seen + j + 1
+                        seen += rb.num_rows
+                    break
+                except Exception as e:
+                    if attempt < self.retries and _transient(e):
+                        self._backoff(f"{shard.rel} row group {rg}", attempt, e)
+                        continue
+                    problems.append(
+                        f"row group {rg} (rows {first + read}–{first + n_rows - 1}) unreadable: "
+                        + _describe(e, 200)
+                    )
+                    break
+            first += n_rows
+        if problems:
+            yield err_key, None, "read: Parquet file is damaged: " + "; ".join(problems)
+
+    def _parquet_row(self, rel: str, index: int, value: Any, keys: list | None, j: int) -> Row:
+        if keys is None or self.key_column == self.image_column:
+            key = f"{rel}#{index}"
+        elif keys[j] is None:
+            return f"{rel}#{index}", None, f"read: key column {self.key_column!r} is null in row {index}"
+        else:
+            key = str(keys[j])
+        if isinstance(value, dict):  # struct column (Hugging Face datasets' Image feature)
+            value = value.get("bytes")
+        if value is None:
+            return key, None, f"read: Parquet column {self.image_column!r} is null in row {index}"
+        if len(value) > self.max_image_bytes:
+            return key, None, self._too_big(f"image value in row {index}", len(value))
+        return key, bytes(value), None
+
+
+def _emit(shard: Shard, done: set[str], key: str, sample: _Sample) -> Row:
+    """The row of a finished tar sample; marks it done."""
+    done.add(key)
+    if sample.has_image:
+        return f"{shard.rel}#{key}", sample.data, sample.error
+    found = ", ".join(dict.fromkeys(e.lower() for e in sample.exts))
+    return f"{shard.rel}#{key}", None, f"read: tar sample has no image member (found: {found})"
+
+
+def _tar_problem(notes: _TarNotes, end: int) -> str | None:
+    problems = list(notes.problems)
+    if notes.bad_blocks:
+        problems.append(
+            f"skipped {notes.bad_blocks} unreadable 512-byte header block(s) from byte "
+            f"{notes.first_bad_offset}; members stored there are lost"
+        )
+    if notes.truncated_header_at >= 0:
+        problems.append(f"the archive is cut inside a header at byte {notes.truncated_header_at}")
+    elif not notes.problems and not notes.bad_blocks and notes.zero_blocks == 0:
+        problems.append(f"no end-of-archive marker after byte {end}: the file looks truncated")
+    return "; ".join(problems) or None
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    checks = [pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary]
+    if hasattr(pa.types, "is_binary_view"):
+        checks.append(pa.types.is_binary_view)
+    return any(check(t) for check in checks)
+
+
+def _to_batch(rows: list[tuple[str, str, bytes | None, str | None]]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for c, name in enumerate(OUTPUT_COLUMNS):
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [row[c] for row in rows]
+        out[name] = column
+    return out
