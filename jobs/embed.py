@@ -1,0 +1,170 @@
+"""Embed and classify every image under --input with a Vision Transformer; write Parquet to --output.
+
+    python jobs/embed.py --input s3://bucket/images --output s3://bucket/embeddings --model vit_b_16 \\
+        --weights s3://bucket/models/vit_b_16.pth
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/embed.py …   # on a cluster
+    python jobs/embed.py --demo       # a generated sample, a small model, local Ray and local output
+
+The last line on stdout is one JSON object with the run's counts; the exit status is 0 when the run
+finished within --max-error-rate, 1 when it finished with too many error rows, 2 when it could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python jobs/embed.py` from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.config import DEFAULT_MAX_ERROR_RATE, FORMATS, ConfigError, JobConfig  # noqa: E402
+
+DEMO_INPUT = "data/sample"
+DEMO_OUTPUT = "out/demo"
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jobs/embed.py",
+        description="Embed and classify images with a Vision Transformer on Ray; write Parquet.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input", help="local directory or s3://bucket/prefix holding the images or shards")
+    p.add_argument("--output", help="local directory or s3://bucket/prefix for the Parquet dataset")
+    p.add_argument(
+        "--model",
+        default="vit_b_16",
+        help="preset: vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, vit_s_16, vit_ti_16",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="checkpoint path or s3:// URI (torchvision, timm or "
+        "Hugging Face), or 'random' for seeded random weights",
+    )
+    p.add_argument("--format", default="auto", choices=FORMATS, help="input kind; auto decides by extension")
+    p.add_argument("--image-column", default="image", help="Parquet inputs: the column with image bytes")
+    p.add_argument("--key-column", default=None, help="Parquet inputs: a column to use as the row key")
+    p.add_argument("--image-size", type=int, default=None, help="model input size (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    p.add_argument("--embedding-dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--logits-dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=DEFAULT_MAX_ERROR_RATE,
+        help="fraction of error rows above which the run exits with status 1",
+    )
+    p.add_argument("--class-names", default=None, help="file with one class name per line, or a JSON list")
+    p.add_argument(
+        "--mean",
+        type=_triple,
+        default=None,
+        help="normalization mean, e.g. 0.5,0.5,0.5 (default: from the checkpoint's source)",
+    )
+    p.add_argument("--std", type=_triple, default=None, help="normalization std (default: as --mean)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    p.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, or 1)")
+    p.add_argument("--actor-cpus", type=float, default=None, help="CPUs per model actor without GPUs")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    p.add_argument("--dry-run", action="store_true", help="check arguments, weights and input; run nothing")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"generate a sample under {DEMO_INPUT} and embed it "
+        f"into {DEMO_OUTPUT} with vit_ti_16 and random weights",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.demo:
+        args.input = args.input or DEMO_INPUT
+        args.output = args.output or DEMO_OUTPUT
+        if args.model == "vit_b_16":
+            args.model = "vit_ti_16"
+        args.weights = args.weights or "random"
+    if not args.input or not args.output:
+        p.error("--input and --output are required (or use --demo)")
+    if args.weights is None:
+        p.error("--weights is required: a checkpoint path or s3:// URI, or 'random' for random weights")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    return JobConfig(
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        weights=args.weights,
+        format=args.format,
+        image_column=args.image_column,
+        key_column=args.key_column,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        embedding_dtype=args.embedding_dtype,
+        logits_dtype=args.logits_dtype,
+        max_error_rate=args.max_error_rate,
+        dry_run=args.dry_run,
+        seed=args.seed,
+        class_names=args.class_names,
+        mean=args.mean,
+        std=args.std or args.mean,
+        max_pixels=args.max_pixels,
+        num_actors=args.num_actors,
+        actor_cpus=args.actor_cpus,
+        device=args.device,
+        compile=args.compile,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pipeline.ledger import OutputConflictError
+    from pipeline.run import JobFailed, plan, run
+    from pipeline.sources import InputError
+    from vit.checkpoints import CheckpointError
+
+    try:
+        if args.demo and not os.path.exists(args.input):
+            from pipeline.sample import make_sample
+
+            make_sample(args.input)
+            print(f"Generated a sample dataset in {args.input}")
+        config = config_from_args(args)
+        if config.dry_run:
+            print(plan(config).describe())
+            print(json.dumps({"dry_run": True, "output": config.output}))
+            return 0
+        summary = run(config)
+    except (ConfigError, InputError, CheckpointError, OutputConflictError, JobFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    if not config.output.startswith("s3://"):
+        print(
+            f'Look at it: python -c "import duckdb; duckdb.sql(\\"SELECT key, error, '
+            f"len(embedding) AS dim FROM '{config.output}/*.parquet' LIMIT 5\\\").show()\""
+        )
+    print(json.dumps(summary.to_json()))
+    return 1 if summary.error_rate > config.max_error_rate else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The one configuration object of a run, validated before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FORMATS = ("auto", "files", "webdataset", "parquet")
+DTYPES = ("float32", "float16")
+DEFAULT_MAX_ERROR_RATE = 0.05
+
+
+class ConfigError(ValueError):
+    """A bad argument: the message is one sentence saying which option and what is accepted."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything `pipeline.run.run` needs. `jobs/embed.py` builds one from the command line."""
+
+    input: str
+    output: str
+    model: str = "vit_b_16"
+    weights: str = "random"
+    format: str = "auto"
+    image_column: str = "image"
+    key_column: str | None = None
+    image_size: int | None = None  # None: the preset's size
+    batch_size: int = 64
+    embedding_dtype: str = "float32"
+    logits_dtype: str = "float32"
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    dry_run: bool = False
+    seed: int = 0
+    class_names: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    max_pixels: int | None = None  # None: pipeline.decode.DEFAULT_MAX_PIXELS
+    num_actors: int | None = None  # None: one per GPU, or one CPU actor when the cluster has no GPU
+    actor_cpus: float | None = None  # CPUs per CPU-fallback actor (None: half the cluster's CPUs, at least 1)
+    device: str = "auto"  # auto | cuda | cpu
+    compile: bool = False
+    extra: dict[str, str] = field(default_factory=dict)  # free-form metadata recorded in the footer
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.input), "--input is required: a local directory or s3://bucket/prefix."),
+            (bool(self.output), "--output is required: a local directory or s3://bucket/prefix."),
+            (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}."),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}."),
+            (
+                self.embedding_dtype in DTYPES,
+                f"--embedding-dtype must be float32 or float16, not {self.embedding_dtype!r}.",
+            ),
+            (
+                self.logits_dtype in DTYPES,
+                f"--logits-dtype must be float32 or float16, not {self.logits_dtype!r}.",
+            ),
+            (
+                0.0 <= self.max_error_rate <= 1.0,
+                f"--max-error-rate is a fraction between 0 and 1, not {self.max_error_rate}.",
+            ),
+            (
+                self.image_size is None or self.image_size >= 1,
+                f"--image-size must be positive, not {self.image_size}.",
+            ),
+            (
+                self.num_actors is None or self.num_actors >= 1,
+                f"--num-actors must be at least 1, not {self.num_actors}.",
+            ),
+            (
+                self.device in ("auto", "cuda", "cpu"),
+                f"--device must be auto, cuda or cpu, not {self.device!r}.",
+            ),
+            (
+                _same_uri(self.input, self.output) is False,
+                "--output must differ from --input: the job never writes into its input.",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def replace(self, **changes: object) -> JobConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _same_uri(a: str, b: str) -> bool:
+    def norm(u: str) -> str:
+        return u.removeprefix("file://").rstrip("/")
+
+    return bool(a) and bool(b) and norm(a) == norm(b)

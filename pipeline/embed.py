@@ -1,0 +1,159 @@
+"""Embed: uint8 patches → (CLS embedding, logits), in an actor that builds the ViT once.
+
+`EmbedPatches` is the real stage (weights are loaded inside the actor, never pickled from the driver);
+`FakeEmbedPatches` is its cheap deterministic twin with the same batch contract, for pipeline tests and
+for measuring the pipeline's own overhead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.rows import error_column, ok_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an actor needs to build its model: small and picklable."""
+
+    preset: str
+    weights: str
+    image_size: int | None = None
+    seed: int = 0
+    class_names: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def load(self):  # -> vit.checkpoints.LoadedModel
+        from vit.checkpoints import load_model
+
+        return load_model(
+            self.preset,
+            self.weights,
+            image_size=self.image_size,
+            seed=self.seed,
+            class_names=self.class_names,
+            mean=self.mean,
+            std=self.std,
+        )
+
+
+def _outputs(batch: dict[str, np.ndarray], embedding: np.ndarray, logits: np.ndarray | None) -> dict:
+    out = {"key": batch["key"], "shard": batch["shard"], "embedding": embedding, "error": batch["error"]}
+    if logits is not None:
+        out["logits"] = logits
+    return out
+
+
+class EmbedPatches:
+    """Ray Data actor stage: `__init__` loads the model once, `__call__` embeds one batch.
+
+    Rows whose `error` is set pass through with zero vectors (the sink writes them as nulls). A failure of
+    the model on a batch turns that batch's rows into error rows instead of killing the job.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        embedding_dtype: str = "float32",
+        logits_dtype: str = "float32",
+        device: str = "auto",
+        cpu_threads: int | None = None,
+        compile: bool = False,
+    ) -> None:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and cpu_threads:
+            torch.set_num_threads(max(1, int(cpu_threads)))
+        self.device = torch.device(device)
+        self.loaded = spec.load()
+        from vit.model import compile_model
+
+        model = self.loaded.model.eval().to(self.device)
+        self.model = compile_model(model) if compile else model
+        self.embedding_dtype = np.dtype(embedding_dtype)
+        self.logits_dtype = np.dtype(logits_dtype)
+        self.embedding_dim = self.loaded.model.config.hidden_dim
+        self.num_classes = self.loaded.model.config.num_classes
+        self.seconds = 0.0  # time spent in the model, for the bottleneck report
+        log.info("model %s ready on %s", spec.preset, self.device)
+
+    def _forward(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        x = torch.from_numpy(patches)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        from vit.model import autocast
+
+        with torch.inference_mode(), autocast(self.device):  # bf16 on GPU, fp32 on CPU
+            cls, logits = self.model.forward_patches(x)
+        emb = cls.float().cpu().numpy()
+        return emb, (None if logits is None else logits.float().cpu().numpy())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        n = len(batch["key"])
+        errors = error_column(batch)
+        ok = ok_mask(errors)
+        embedding = np.zeros((n, self.embedding_dim), self.embedding_dtype)
+        logits = np.zeros((n, self.num_classes), self.logits_dtype) if self.num_classes else None
+        if ok.any():
+            try:
+                emb, lg = self._forward(np.ascontiguousarray(batch["patches"][ok]))
+                embedding[ok] = emb
+                if logits is not None and lg is not None:
+                    logits[ok] = lg
+            except Exception as e:  # the model failed on this batch: its rows become error rows
+                log.exception("embedding a batch of %d images failed", int(ok.sum()))
+                errors[ok] = f"embed: {type(e).__name__}: {e}"
+        self.seconds += time.perf_counter() - start
+        return _outputs({**batch, "error": errors}, embedding, logits)
+
+
+class FakeEmbedPatches:
+    """Deterministic stand-in for EmbedPatches: a fixed random projection of the mean patch.
+
+    Same input and output columns, microseconds per image; `delay_s` simulates a slower model.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int = 192,
+        num_classes: int = 10,
+        embedding_dtype: str = "float32",
+        logits_dtype: str = "float32",
+        delay_s: float = 0.0,
+    ) -> None:
+        self.embedding_dim, self.num_classes, self.delay_s = embedding_dim, num_classes, delay_s
+        self.embedding_dtype, self.logits_dtype = np.dtype(embedding_dtype), np.dtype(logits_dtype)
+        self._proj: np.ndarray | None = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        patches = np.asarray(batch["patches"])
+        n = len(batch["key"])
+        if self._proj is None:
+            rng = np.random.default_rng(0)
+            width = self.embedding_dim + self.num_classes
+            self._proj = rng.standard_normal((patches.shape[-1], width)).astype(np.float32)
+        errors = error_column(batch)
+        ok = ok_mask(errors)
+        mean_patch = patches.reshape(n, -1, patches.shape[-1]).mean(axis=1, dtype=np.float32) / 255.0
+        out = (mean_patch @ self._proj) * ok[:, None]
+        emb = out[:, : self.embedding_dim]
+        logits = out[:, self.embedding_dim :] if self.num_classes else None
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return _outputs(
+            {**batch, "error": errors},
+            emb.astype(self.embedding_dtype),
+            None if logits is None else logits.astype(self.logits_dtype),
+        )

@@ -1,0 +1,332 @@
+"""Builds and runs the Ray Data plan: shards → read → decode → embed → Parquet.
+
+`run(config)` is the whole job as a Python function (what `jobs/embed.py` calls); `plan(config)` does
+everything that needs no cluster (argument, weights and input checks) and is what `--dry-run` prints.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodePatches
+from pipeline.embed import EmbedPatches, ModelSpec
+from pipeline.ledger import Ledger, record_run
+from pipeline.sink import OutputSpec, ParquetSink, make_datasink
+from pipeline.sources import ReadShards, Shard, list_shards, shards_to_items
+
+log = logging.getLogger(__name__)
+
+# Environment variables forwarded to every worker, so S3/MinIO settings given to the driver reach them.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+)
+FILES_PER_READ_TASK = 64  # loose files are read in groups; a tar or Parquet shard is a task of its own
+
+
+class JobFailed(RuntimeError):
+    """The run finished but must be reported as failed (e.g. too many error rows)."""
+
+
+def project_version() -> str:
+    try:
+        return importlib_metadata.version("vit-embed")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class Plan:
+    config: JobConfig
+    shards: list[Shard]  # still to do
+    skipped_shards: int
+    skipped_rows: int
+    spec: ModelSpec
+    output: OutputSpec
+    identity: dict[str, str]
+    resize_size: int
+    num_params: int
+
+    def describe(self) -> str:
+        kinds = sorted({s.kind for s in self.shards}) or ["(nothing new)"]
+        ident = self.identity
+        return "\n".join(
+            [
+                f"input:   {self.config.input} ({len(self.shards)} shards to do: {', '.join(kinds)}; "
+                f"{self.skipped_shards} already done)",
+                f"output:  {self.config.output}",
+                f"model:   {ident['model']} weights={ident['weights']} sha256={ident['weights_sha256'][:16]}",
+                f"         embedding[{self.output.embedding_dim}] {self.output.embedding_dtype}, "
+                f"logits[{self.output.num_classes}] {self.output.logits_dtype}",
+                f"preproc: {ident['preprocessing']}",
+                f"batch:   {self.config.batch_size} images per model call",
+            ]
+        )
+
+
+@dataclass
+class Summary:
+    processed: int
+    skipped: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    output: str
+    run_id: str
+    error_rate: float
+    files: int
+    skipped_shards: int = 0
+    actors: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        lines = [
+            f"Wrote {self.processed} rows ({self.errors} errors, {self.error_rate:.2%}) in {self.files} "
+            f"files to {self.output} in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s).",
+        ]
+        if self.skipped:
+            lines.append(f"Skipped {self.skipped} rows already written by earlier runs.")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def plan(config: JobConfig) -> Plan:
+    """Validates weights and input, reads the output's ledger; starts nothing."""
+    spec = ModelSpec(
+        preset=config.model,
+        weights=config.weights,
+        image_size=config.image_size,
+        seed=config.seed,
+        class_names=config.class_names,
+        mean=config.mean,
+        std=config.std,
+    )
+    loaded = spec.load()  # validates the weights here, once, before any worker starts
+    mc = loaded.model.config
+    image_size, patch_size = mc.image_size, mc.patch_size
+    resize_size = round(image_size * 256 / 224)
+    identity = {k: v for k, v in loaded.identity().items() if k not in ("preset", "sha256")}
+    identity.update(
+        {
+            "model": config.model,
+            "weights": config.weights,
+            "weights_sha256": loaded.sha256 or "random",
+            "image_size": str(image_size),
+            "patch_size": str(patch_size),
+            "resize_size": str(resize_size),
+            "preprocessing": (
+                f"RGB (EXIF orientation applied, alpha composited on white); resize shorter side to "
+                f"{resize_size} bilinear antialias; centre crop {image_size}; uint8 patches (kh, kw, c); "
+                f"normalize (x/255 - mean) / std"
+            ),
+            "embedding": "CLS token after the final LayerNorm",
+            "embedding_dtype": config.embedding_dtype,
+            "logits_dtype": config.logits_dtype,
+            "version": project_version(),
+        }
+    )
+    if loaded.class_names:
+        import json
+
+        identity["class_names"] = json.dumps(loaded.class_names)
+    identity.update(config.extra)
+    output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
+
+    shards = list_shards(config.input, config.format)
+    ledger = Ledger.read(config.output)
+    ledger.check_identity(identity)
+    todo = [s for s in shards if s.rel not in ledger.done]
+    skipped = [s for s in shards if s.rel in ledger.done]
+    skipped_rows = sum(ledger.done[s.rel][0] for s in skipped)
+    num_params = sum(p.numel() for p in loaded.model.parameters())
+    return Plan(config, todo, len(skipped), skipped_rows, spec, output, identity, resize_size, num_params)
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connects to RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": _worker_env()}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+
+
+def _actor_stage(config: JobConfig, plan_: Plan) -> tuple[dict[str, Any], int, str]:
+    """Resources, pool size and a description for the model actors."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1.0)
+    memory = int(plan_.num_params * 4 * 2 + 2**30)  # fp32 weights twice (load + device) + torch runtime
+    if config.device in ("auto", "cuda") and gpus > 0:
+        size = config.num_actors or gpus
+        return {"num_gpus": 1, "num_cpus": 1, "memory": memory}, size, f"{size} GPU actor(s)"
+    if config.device == "cuda":
+        raise JobFailed("--device cuda was given but the Ray cluster has no GPU; use --device auto or cpu.")
+    actor_cpus = config.actor_cpus or max(1.0, math.floor(cpus / 2))
+    size = config.num_actors or 1
+    # `memory` differs from the decode tasks' resources, so Ray Data does not fuse decode into the actor.
+    return {"num_cpus": actor_cpus, "memory": memory}, size, f"{size} CPU actor(s) x {actor_cpus:g} CPUs"
+
+
+def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict):
+    """Read then decode in one CPU task; a generator so a large shard streams in small batches."""
+    decode = DecodePatches(**decode_kwargs)
+    for rows in ReadShards(**read_kwargs)(batch):
+        yield decode(rows)
+
+
+def build_dataset(
+    config: JobConfig,
+    plan_: Plan,
+    embedder: Callable | type | None = None,
+    embedder_kwargs: dict | None = None,
+):
+    """The Ray Data plan up to (not including) the write."""
+    import ray
+
+    items = shards_to_items(plan_.shards)
+    per_task = FILES_PER_READ_TASK if all(s.kind == "file" for s in plan_.shards) else 1
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_task)))
+    read_kwargs = {
+        "input_uri": config.input,
+        "image_column": config.image_column,
+        "key_column": config.key_column,
+    }
+    decode_kwargs = {
+        "image_size": int(plan_.identity["image_size"]),
+        "patch_size": int(plan_.identity["patch_size"]),
+        "resize_size": plan_.resize_size,
+        "max_pixels": config.max_pixels or DEFAULT_MAX_PIXELS,
+    }
+    ds = ds.map_batches(
+        _read_and_decode,
+        batch_size=1,
+        fn_kwargs={"read_kwargs": read_kwargs, "decode_kwargs": decode_kwargs},
+        num_cpus=1,
+    )
+    remote_args, size, _ = _actor_stage(config, plan_)
+    if embedder is None:
+        embedder = EmbedPatches
+        embedder_kwargs = {
+            "spec": plan_.spec,
+            "embedding_dtype": config.embedding_dtype,
+            "logits_dtype": config.logits_dtype,
+            # GPU actors take "auto": a node that declares a GPU without having one still runs (on CPU).
+            "device": "auto" if "num_gpus" in remote_args else "cpu",
+            "cpu_threads": int(remote_args["num_cpus"]),
+            "compile": config.compile,
+        }
+    return ds.map_batches(
+        embedder,
+        batch_size=config.batch_size,
+        fn_constructor_kwargs=embedder_kwargs or {},
+        compute=ray.data.ActorPoolStrategy(size=size),
+        **remote_args,
+    )
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run(
+    config: JobConfig,
+    *,
+    embedder: Callable | type | None = None,
+    embedder_kwargs: dict | None = None,
+    num_cpus: int | None = None,
+) -> Summary:
+    """Runs the job. `embedder` swaps the model stage (e.g. `FakeEmbedPatches`) for tests and benchmarks."""
+    start = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    plan_ = plan(config)
+    run_id = new_run_id()
+    if not plan_.shards:
+        return Summary(
+            0,
+            plan_.skipped_rows,
+            0,
+            time.perf_counter() - start,
+            0.0,
+            config.output,
+            run_id,
+            0.0,
+            0,
+            plan_.skipped_shards,
+            notes=["Nothing new to process."],
+        )
+    ensure_ray(num_cpus)
+    ledger = Ledger.read(config.output)
+    ledger.clean_uncommitted()
+
+    ds = build_dataset(config, plan_, embedder, embedder_kwargs)
+    _, _, actors = _actor_stage(config, plan_)
+    meta = {**plan_.identity, "run_id": run_id}
+    sink = ParquetSink(config.output, plan_.output, run_id, meta)
+    ds.write_datasink(make_datasink(sink))
+    committed = sink.committed  # on_write_complete runs in this (the driver's) process
+    seconds = time.perf_counter() - start
+    processed = sum(f.rows for f in committed)
+    errors = sum(f.errors for f in committed)
+    per_shard: dict[str, tuple[int, int]] = {s.rel: (0, 0) for s in plan_.shards}
+    for f in committed:
+        for rel, (r, e) in f.shards.items():
+            r0, e0 = per_shard.get(rel, (0, 0))
+            per_shard[rel] = (r0 + r, e0 + e)
+    error_rate = errors / processed if processed else 0.0
+    summary = Summary(
+        processed=processed,
+        skipped=plan_.skipped_rows,
+        errors=errors,
+        seconds=round(seconds, 3),
+        images_per_s=round(processed / seconds, 2) if seconds else 0.0,
+        output=config.output,
+        run_id=run_id,
+        error_rate=round(error_rate, 6),
+        files=len(committed),
+        skipped_shards=plan_.skipped_shards,
+        actors=actors,
+    )
+    record = {
+        "run_id": run_id,
+        "started_at": started_at,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "identity": plan_.identity,
+        "summary": summary.to_json(),
+        "files": [f.final.rsplit("/", 1)[-1] for f in committed],
+    }
+    record_run(config.output, record, [(rel, r, e) for rel, (r, e) in sorted(per_shard.items())])
+    if error_rate > config.max_error_rate:
+        summary.notes.append(
+            f"Error rate {error_rate:.2%} is above --max-error-rate {config.max_error_rate:.2%}: the rows "
+            f"were written, but check the `error` column (e.g. SELECT error, count(*) … GROUP BY error)."
+        )
+    return summary

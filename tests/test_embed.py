@@ -1,0 +1,65 @@
+"""The embed stage's batch function, without a cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.embed import EmbedPatches, FakeEmbedPatches, ModelSpec
+
+SPEC = ModelSpec(preset="vit_ti_16", weights="random", image_size=32, seed=3)
+
+
+def _batch(n: int, bad: set[int], patches_shape=(4, 768)) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "shard": np.array(["s"] * n, dtype=object),
+        "patches": rng.integers(0, 256, (n, *patches_shape), dtype=np.uint8),
+        "error": np.array([f"decode: broken {i}" if i in bad else None for i in range(n)], dtype=object),
+    }
+
+
+def test_embed_matches_the_model_and_passes_errors_through():
+    stage = EmbedPatches(SPEC, device="cpu", cpu_threads=1)
+    batch = _batch(5, bad={1, 3})
+    out = stage(batch)
+    assert list(out["key"]) == list(batch["key"]) and list(out["shard"]) == ["s"] * 5
+    assert out["embedding"].shape == (5, 192) and out["logits"].shape == (5, 1000)
+    assert out["error"][1] == "decode: broken 1" and out["error"][0] is None
+    assert not out["embedding"][[1, 3]].any() and not out["logits"][[1, 3]].any()
+
+    model = SPEC.load().model.eval()
+    with torch.inference_mode():
+        cls, logits = model.forward_patches(torch.from_numpy(batch["patches"][[0, 2, 4]]))
+    np.testing.assert_allclose(out["embedding"][[0, 2, 4]], cls.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["logits"][[0, 2, 4]], logits.numpy(), atol=1e-5)
+
+
+def test_all_error_batch_skips_the_model():
+    out = EmbedPatches(SPEC, device="cpu", embedding_dtype="float16")(_batch(3, bad={0, 1, 2}))
+    assert out["embedding"].dtype == np.float16 and not out["embedding"].any()
+
+
+def test_model_failure_becomes_error_rows():
+    stage = EmbedPatches(SPEC, device="cpu")
+    out = stage(_batch(2, bad=set(), patches_shape=(5, 768)))  # wrong number of patches for 32 px
+    assert all(e.startswith("embed: ") for e in out["error"])
+
+
+def test_fake_is_deterministic_and_shaped_like_the_real_stage():
+    fake = FakeEmbedPatches(embedding_dim=192, num_classes=1000, embedding_dtype="float16")
+    a, b = fake(_batch(4, bad={2})), FakeEmbedPatches(192, 1000, "float16")(_batch(4, bad={2}))
+    assert a["embedding"].shape == (4, 192) and a["logits"].shape == (4, 1000)
+    np.testing.assert_array_equal(a["embedding"], b["embedding"])
+    assert not a["embedding"][2].any() and a["embedding"][0].any()
+
+
+def test_all_null_error_column_from_ray_means_no_errors():
+    # Ray Data hands an all-null `error` column to numpy as float NaNs: those rows are fine, not failed.
+    batch = _batch(2, bad=set())
+    batch["error"] = np.array([np.nan, np.nan], dtype=np.float32)
+    out = FakeEmbedPatches(192, 10)(batch)
+    assert list(out["error"]) == [None, None] and out["embedding"].any(axis=1).all()
+    out = EmbedPatches(SPEC, device="cpu")(batch)
+    assert list(out["error"]) == [None, None] and out["embedding"].any(axis=1).all()

@@ -1,0 +1,179 @@
+"""The job end to end on a real local Ray, from and to a real S3 endpoint (moto) and local directories."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import JobConfig
+from pipeline.embed import FakeEmbedPatches
+from pipeline.ledger import OutputConflictError
+from pipeline.run import plan, run
+from pipeline.sample import encode, make_sample, photo_like
+from pipeline.sink import footer_metadata
+from pipeline.sources import InputError
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMALL = {"model": "vit_ti_16", "weights": "random", "image_size": 32, "batch_size": 16}
+
+
+def _images(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [encode(photo_like(rng, 64 + 8 * i, 48 + 4 * i)) for i in range(n)]
+
+
+def _tar(samples: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in samples.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _parquet(images: list[bytes | None]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "id": list(range(len(images)))}), buf)
+    return buf.getvalue()
+
+
+def _read_output(uri: str) -> pa.Table:
+    from pipeline.sources import resolve_uri
+
+    fs, root = resolve_uri(uri)
+    return pads.dataset(root, filesystem=fs, format="parquet").to_table()
+
+
+def _check_output(table: pa.Table, expected_keys: set[str], dim: int = 192, classes: int = 1000) -> None:
+    keys = table["key"].to_pylist()
+    assert len(keys) == len(set(keys)), "a key was written twice"
+    assert set(keys) == expected_keys
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), dim)
+    assert table.schema.field("logits").type == pa.list_(pa.float32(), classes)
+    ok = table.filter(pa.compute.is_null(table["error"]))
+    emb = np.array(ok["embedding"].to_pylist(), dtype=np.float32)
+    assert np.isfinite(emb).all() and (np.abs(emb).sum(axis=1) > 0).all()
+
+
+def test_local_files_to_local_output(tmp_path: Path, ray_local: None):
+    src = tmp_path / "in"
+    paths = make_sample(src, n=10)
+    (src / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    out = tmp_path / "out"
+    summary = run(JobConfig(input=str(src), output=str(out), max_error_rate=0.5, **SMALL))
+    expected = {p.relative_to(src).as_posix() for p in paths} | {"broken.jpg"}
+    table = _read_output(str(out))
+    _check_output(table, expected)
+    errors = dict(zip(table["key"].to_pylist(), table["error"].to_pylist()))
+    assert errors["broken.jpg"].startswith("decode: ")
+    assert summary.processed == 11 and summary.errors == 1 and summary.skipped == 0
+    meta = footer_metadata(pq.ParquetFile(next(out.glob("*.parquet"))))
+    assert meta["model"] == "vit_ti_16" and meta["weights_sha256"] == "random"
+    assert meta["image_size"] == "32" and "centre crop 32" in meta["preprocessing"]
+    assert meta["version"] and meta["run_id"] == summary.run_id
+    assert (out / "_runs" / f"{summary.run_id}.json").exists()
+
+    # Same command again: nothing new to do, nothing written twice.
+    again = run(JobConfig(input=str(src), output=str(out), max_error_rate=0.5, **SMALL))
+    assert again.processed == 0 and again.skipped == 11
+    assert _read_output(str(out)).num_rows == 11
+
+    # New files land (a scheduled run): only they are processed.
+    (src / "new").mkdir()
+    (src / "new" / "late.jpg").write_bytes(_images(1, seed=9)[0])
+    third = run(JobConfig(input=str(src), output=str(out), max_error_rate=0.5, **SMALL))
+    assert third.processed == 1 and third.skipped == 11
+    _check_output(_read_output(str(out)), expected | {"new/late.jpg"})
+
+    # Another model into the same output is refused.
+    with pytest.raises(OutputConflictError, match="different model"):
+        plan(JobConfig(input=str(src), output=str(out), **{**SMALL, "model": "vit_s_16"}))
+
+
+@pytest.mark.parametrize("output_kind", ["s3", "local"])
+def test_all_input_kinds_from_s3(
+    tmp_path: Path, s3_server: str, s3_bucket: str, ray_local: None, output_kind
+):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    imgs = _images(6)
+    for i, data in enumerate(imgs[:3]):
+        s3.put_object(Bucket=s3_bucket, Key=f"files/dir {i % 2}/im{i}.JPG", Body=data)
+    s3.put_object(
+        Bucket=s3_bucket,
+        Key="tars/shard-0.tar",
+        Body=_tar({"a/s1.json": b"{}", "a/s1.jpg": imgs[3], "a/s2.png": imgs[4]}),
+    )
+    s3.put_object(Bucket=s3_bucket, Key="pq/part.parquet", Body=_parquet([imgs[5], None]))
+
+    expected = {
+        "files": {"dir 0/im0.JPG", "dir 1/im1.JPG", "dir 0/im2.JPG"},
+        "tars": {"shard-0.tar#a/s1", "shard-0.tar#a/s2"},
+        "pq": {"part.parquet#0", "part.parquet#1"},
+    }
+    for prefix, keys in expected.items():
+        out = f"s3://{s3_bucket}/out-{prefix}" if output_kind == "s3" else str(tmp_path / f"out-{prefix}")
+        summary = run(JobConfig(input=f"s3://{s3_bucket}/{prefix}", output=out, max_error_rate=0.6, **SMALL))
+        table = _read_output(out)
+        _check_output(table, keys)
+        assert summary.processed == len(keys)
+        if prefix == "pq":
+            err = dict(zip(table["key"].to_pylist(), table["error"].to_pylist()))["part.parquet#1"]
+            assert err and err.startswith("read: ")
+
+
+def test_fake_embedder_and_float16(tmp_path: Path, ray_local: None):
+    src = tmp_path / "in"
+    make_sample(src, n=20)
+    out = tmp_path / "out"
+    cfg = JobConfig(
+        input=str(src), output=str(out), embedding_dtype="float16", logits_dtype="float16", **SMALL
+    )
+    # The fake must match the real model's output shape for the schema: vit_ti_16 → 192 dims, 1000 classes.
+    summary = run(
+        cfg,
+        embedder=FakeEmbedPatches,
+        embedder_kwargs={
+            "embedding_dim": 192,
+            "num_classes": 1000,
+            "embedding_dtype": "float16",
+            "logits_dtype": "float16",
+        },
+    )
+    table = _read_output(str(out))
+    assert table.num_rows == 20 == summary.processed
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 192)
+
+
+def test_clear_errors_before_anything_runs(tmp_path: Path, s3_server: str, s3_bucket: str):
+    with pytest.raises(InputError, match=r"does not exist|not found|No such"):
+        plan(JobConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "o"), **SMALL))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty|no "):
+        plan(JobConfig(input=str(tmp_path / "empty"), output=str(tmp_path / "o"), **SMALL))
+    with pytest.raises(InputError):
+        plan(JobConfig(input=f"s3://{s3_bucket}/nothing-here", output=str(tmp_path / "o"), **SMALL))
+
+
+def test_run_record_has_counts(tmp_path: Path, ray_local: None):
+    src = tmp_path / "in"
+    make_sample(src, n=4)
+    out = tmp_path / "out"
+    summary = run(JobConfig(input=str(src), output=str(out), **SMALL))
+    record = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
+    assert record["summary"]["processed"] == 4
+    assert record["identity"]["model"] == "vit_ti_16"
+    shards = pq.read_table(out / "_runs" / f"{summary.run_id}.shards.parquet")
+    assert sorted(shards["shard"].to_pylist()) == sorted(
+        p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()
+    )
