@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, CheckpointError, OutputConflictError, JobFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # storage unreachable or not writable (listing errors are InputErrors already)
+        print(f"error: could not access {args.output!r} or {args.input!r}: {e}", file=sys.stderr)
+        return 2
     print(summary.describe())
     if not config.output.startswith("s3://"):
         print(
