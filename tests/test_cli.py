@@ -40,7 +40,10 @@ def _one_sentence(stderr: str) -> str:
     ("args", "expect"),
     [
         (["--input", "nowhere", "--output", "o", *SMALL], "nowhere"),
-        (["--input", "in", "--output", "o", "--model", "vit_ti_16", "--weights", "missing.pth"], "missing.pth"),
+        (
+            ["--input", "in", "--output", "o", "--model", "vit_ti_16", "--weights", "missing.pth"],
+            "missing.pth",
+        ),
         (["--input", "in", "--output", "o", "--model", "vit_x_99", "--weights", "random"], "vit_x_99"),
         (["--input", "in", "--output", "o", *SMALL, "--batch-size", "0"], "--batch-size"),
         (["--input", "in", "--output", "in", *SMALL], "--output"),

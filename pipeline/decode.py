@@ -1,0 +1,510 @@
+"""Stage 2, decode + patchify: encoded image bytes → RGB → ViT preprocessing → uint8 patches.
+
+`to_patches(data)` turns one encoded image into the uint8 patches the model takes; `DecodePatches` is the
+Ray Data batch callable around it, which turns every failure into an error row and never raises.
+
+Preprocessing is torchvision's for ViT: resize the shorter side to `resize_size` (default
+`round(image_size * 256 / 224)`, 256 for 224) with antialiased bilinear filtering, centre-crop
+`image_size`. The longer side becomes `int(resize_size * long / short)` and the crop offsets are
+`int(round((resized - image_size) / 2))`, exactly as torchvision computes them. The crop is `image_size²`
+whatever the aspect ratio (a 3000×6 strip is upsampled to 128000×256 and cropped; a 1×1 image is one colour).
+Patches are laid out (kh, kw, c):
+``img.reshape(gh, P, gw, P, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, P * P * 3)``.
+
+Colour handling, in this order:
+
+- EXIF orientation is applied (as `PIL.ImageOps.exif_transpose` would).
+- Transparency (RGBA, LA, PA, palette or grey/RGB PNGs with a tRNS colour) is composited onto a **white**
+  background (255, 255, 255), the colour a browser or image viewer shows behind a transparent image.
+- 16-bit greys (Pillow modes I;16*, I) are scaled to 8 bits by `round(v / 257)` (0..65535 → 0..255), not
+  clipped; 16-bit RGB PNGs come from Pillow already reduced to 8 bits. Float images (mode F) are taken as
+  0..255, as Pillow does. CMYK (including Adobe's inverted CMYK JPEGs), YCbCr, 1-bit, grey and palette
+  images use Pillow's conversion to RGB. Animated GIF/WebP/PNG give their first frame.
+
+Decompression bombs: an image with more than `max_pixels` pixels (default `DEFAULT_MAX_PIXELS`, Pillow's
+own hard limit) is refused from its header, before any pixel is decoded. Pillow's global
+`Image.MAX_IMAGE_PIXELS` still applies on the Pillow path: raising `max_pixels` above 2× that value needs it
+raised too.
+
+Decode-time bombs: a progressive JPEG with more than `MAX_JPEG_SCANS` scans is refused before decoding.
+
+Truncated and corrupt files: JPEG data that ends before the last pixel row is an error
+(`DecodeError: … truncated …`), as with Pillow's default `LOAD_TRUNCATED_IMAGES = False`: a half-grey image
+would give a plausible but wrong embedding, an error row is counted and visible. A JPEG that lacks only its
+final end-of-image marker (all pixel data present) decodes. Other recoverable JPEG damage (e.g. stray bytes
+between segments) decodes as Pillow decodes it. No global Pillow setting is changed.
+
+Speed: baseline, progressive, grey and YCbCr JPEGs take a fast path: libjpeg-turbo (simplejpeg) decodes at
+the smallest 1/2ᵏ DCT scale that keeps the shorter side ≥ `resize_size` (a 1024×768 photo is decoded at
+512×384), then torch's SIMD uint8 antialiased bilinear kernel (the one torchvision uses on tensors; within
+±1 of Pillow's) computes only the rows and columns up to the crop's far edge. torch is imported on the first
+such image (it is a dependency of the project anyway; the import costs a worker a few hundred MB) and used
+only while it runs single-threaded (`torch.get_num_threads() == 1`, as in Ray tasks, which get
+OMP_NUM_THREADS=1): with several intra-op threads it costs more CPU per image than it saves, and Pillow
+resizes instead. Every other input (PNG, WebP, GIF, TIFF, BMP, CMYK or 12-bit JPEG, anything libjpeg-turbo
+complains about) goes through Pillow, resizing only the box that survives the crop (`Image.resize(box=…)`,
+equal to resize-then-crop). `benchmarks/decode.py` measures the fast path against the torchvision baseline.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import struct
+import threading
+import time
+import warnings
+from functools import cache
+from typing import Any, Literal
+
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.rows import error_column
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DecodeError", "DecodePatches", "to_patches"]
+
+DEFAULT_MAX_PIXELS: int = 178_956_970  # = 2 × PIL.Image.MAX_IMAGE_PIXELS, where Pillow itself refuses
+WHITE = (255, 255, 255)  # background for transparent images
+
+MAX_JPEG_SCANS = 500  # progressive JPEGs with more scans are refused (libjpeg-turbo's suggested limit)
+_EXIF_ORIENTATION = 0x0112
+_SCRATCH_MAX_BYTES = 32 * 2**20  # decode buffers up to this size are reused per thread
+_scratch = threading.local()
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image this stage can decode; the message says why in one sentence."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def to_patches(
+    data: bytes,
+    image_size: int = 224,
+    patch_size: int = 16,
+    *,
+    resize_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Encoded image bytes → uint8 patches `[(image_size // patch_size)², patch_size² · 3]`, (kh, kw, c).
+
+    Raises `DecodeError` when the bytes cannot be decoded (empty, not an image, truncated, too many
+    pixels) and `ValueError` for impossible sizes.
+    """
+    resize_size = _check_sizes(image_size, patch_size, resize_size)
+    img = _decode_resize_crop(data, image_size, resize_size, max_pixels)  # (S, S, 3) uint8
+    g = image_size // patch_size
+    patches = img.reshape(g, patch_size, g, patch_size, 3).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(patches).reshape(g * g, patch_size * patch_size * 3)
+
+
+class DecodePatches:
+    """Ray Data `map_batches` callable: {key, shard, bytes, error} → {key, shard, patches, error}.
+
+    Never raises for a bad image: its row gets `error = "decode: <ExceptionClass>: <message>"` and zero
+    patches. Rows that arrive with an error (from the read stage) pass through unchanged, as do their zeros.
+    `stats` accumulates images, errors and seconds (wall and CPU) spent decoding, for a bottleneck report.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        resize_size: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.resize_size = _check_sizes(image_size, patch_size, resize_size)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.max_pixels = max_pixels
+        self.stats: dict[str, float] = {
+            "batches": 0,
+            "images": 0,
+            "errors": 0,
+            "seconds": 0.0,
+            "cpu_seconds": 0.0,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        keys = batch["key"]
+        n = len(keys)
+        data = batch.get("bytes")
+        errors_in = error_column(batch)
+        g = self.image_size // self.patch_size
+        patches = np.zeros((n, g * g, self.patch_size * self.patch_size * 3), dtype=np.uint8)
+        errors = np.empty(n, dtype=object)
+        new_errors = 0
+        for i in range(n):
+            previous = errors_in[i]
+            if previous is not None:
+                errors[i] = previous
+                continue
+            item = None if data is None else data[i]
+            try:
+                if item is None:
+                    raise DecodeError("cannot decode image: the row has no image bytes")
+                patches[i] = to_patches(
+                    _as_bytes(item),
+                    self.image_size,
+                    self.patch_size,
+                    resize_size=self.resize_size,
+                    max_pixels=self.max_pixels,
+                )
+                errors[i] = None
+            except Exception as e:  # a bad image is a row, never a crash
+                errors[i] = f"decode: {type(e).__name__}: {e}"
+                new_errors += 1
+        self.stats["batches"] += 1
+        self.stats["images"] += n
+        self.stats["errors"] += new_errors
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["cpu_seconds"] += time.thread_time() - c0
+        return {"key": keys, "shard": batch["shard"], "patches": patches, "error": errors}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Geometry (torchvision's Resize(int) + CenterCrop)
+
+
+def _check_sizes(image_size: int, patch_size: int, resize_size: int | None) -> int:
+    if image_size < 1 or patch_size < 1 or image_size % patch_size:
+        raise ValueError(
+            f"image_size must be a positive multiple of patch_size, got image_size={image_size}, "
+            f"patch_size={patch_size}."
+        )
+    if resize_size is None:
+        resize_size = round(image_size * 256 / 224)
+    if resize_size < image_size:
+        raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
+    return int(resize_size)
+
+
+def _resized_size(w: int, h: int, resize_size: int) -> tuple[int, int]:
+    """torchvision's `Resize(resize_size)` output (width, height) for a (w, h) image."""
+    if w <= h:
+        return resize_size, int(resize_size * h / w)
+    return int(resize_size * w / h), resize_size
+
+
+def _crop_offsets(nw: int, nh: int, image_size: int) -> tuple[int, int]:
+    """torchvision's `CenterCrop(image_size)` (left, top) in the resized image."""
+    return round((nw - image_size) / 2.0), round((nh - image_size) / 2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _as_bytes(item: Any) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, (bytearray, memoryview, np.bytes_)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
+        return item.tobytes()
+    raise TypeError(f"expected image bytes, got {type(item).__name__}")
+
+
+def _decode_resize_crop(
+    data: bytes | memoryview, image_size: int, resize_size: int, max_pixels: int
+) -> np.ndarray:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"to_patches() expects bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise DecodeError("cannot decode image: the data is empty (0 bytes)")
+    head = bytes(data[:16])
+    if head.startswith(b"\xff\xd8\xff"):
+        info = _jpeg_info(data)
+        if info is not None:
+            w, h, fast, orientation, progressive = info
+            _check_pixels(w, h, max_pixels)
+            # Every scan re-reads the whole image: thousands of tiny scans make a small file decode for
+            # minutes. An SOS marker cannot occur inside entropy-coded data (0xFF is stuffed there).
+            if progressive and (scans := bytes(data).count(b"\xff\xda")) > MAX_JPEG_SCANS:
+                raise DecodeError(
+                    f"cannot decode image: progressive JPEG with {scans} scans, more than {MAX_JPEG_SCANS} "
+                    "(a decode-time bomb)"
+                )
+            if fast:
+                arr, k = _decode_jpeg_turbo(data, w, h, resize_size)
+                if arr is not None:
+                    arr = _orient(arr, orientation)
+                    if orientation >= 5:
+                        w, h = h, w
+                    return _resize_crop_array(arr, w, h, 2**k, image_size, resize_size)
+    return _resize_crop_pil(_open_rgb(data, head, max_pixels), image_size, resize_size)
+
+
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise DecodeError(
+            f"cannot decode image: {w}×{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+            "(max_pixels; a decompression-bomb guard: raise it if such images are expected)"
+        )
+
+
+def _jpeg_info(data: bytes | memoryview) -> tuple[int, int, bool, int, bool] | None:
+    """(width, height, fast-path capable, EXIF orientation, progressive) from the markers before any scan.
+
+    None when the header cannot be parsed here (Pillow then decides). Reads no pixel data.
+    """
+    n = len(data)
+    pos = 2
+    orientation = 1
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
+            pos += 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2 or pos + 2 + length > n:
+            return None
+        seg = pos + 4
+        if marker == 0xE1 and length >= 8 and bytes(data[seg : seg + 6]) == b"Exif\x00\x00":
+            o = _exif_orientation(bytes(data[seg + 6 : pos + 2 + length]))
+            if o is None:
+                return None
+            orientation = o
+        elif marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            if length < 8:
+                return None
+            precision = data[seg]
+            h = (data[seg + 1] << 8) | data[seg + 2]
+            w = (data[seg + 3] << 8) | data[seg + 4]
+            components = data[seg + 5]
+            if w == 0 or h == 0:
+                return None  # height given later by a DNL marker: let Pillow handle (or reject) it
+            fast = marker in (0xC0, 0xC1, 0xC2) and precision == 8 and components in (1, 3)
+            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
+            return w, h, fast, orientation, progressive
+        elif marker in (0xDA, 0xD9):  # start of scan / end of image before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The Orientation tag of IFD0 in a TIFF-structured EXIF block (1 when absent; None when malformed)."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return None
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            return None
+        if int.from_bytes(tiff[entry : entry + 2], order) == _EXIF_ORIENTATION:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if 1 <= value <= 8 else 1  # Pillow ignores out-of-range orientations
+    return 1
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Applies an EXIF orientation to an (H, W, C) array, as PIL.ImageOps.exif_transpose does."""
+    if orientation == 1:
+        return arr
+    views = {
+        2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: lambda a: a[::-1, ::-1],  # ROTATE_180
+        4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+        5: lambda a: a.transpose(1, 0, 2),  # TRANSPOSE
+        6: lambda a: np.rot90(a, -1),  # ROTATE_270 (90° clockwise)
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
+        8: lambda a: np.rot90(a, 1),  # ROTATE_90 (90° counter-clockwise)
+    }
+    return np.ascontiguousarray(views[orientation](arr))
+
+
+def _decode_jpeg_turbo(
+    data: bytes | memoryview, w: int, h: int, resize_size: int
+) -> tuple[np.ndarray | None, int]:
+    """libjpeg-turbo decode at 1/2ᵏ scale (shorter side stays ≥ resize_size). (None, 0) if it complains."""
+    k = 0
+    while k < 3 and -(-min(w, h) // 2 ** (k + 1)) >= resize_size:
+        k += 1
+    dw, dh = -(-w // 2**k), -(-h // 2**k)
+    size = dw * dh * 3
+    buf = None
+    if size <= _SCRATCH_MAX_BYTES:
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.size < size:
+            buf = _scratch.buf = np.empty(max(size, 2**20), dtype=np.uint8)
+    kw: dict[str, Any] = {"min_height": dh, "min_width": dw} if k else {}
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=buf, strict=True, **kw)
+    except ValueError as e:
+        arr = None
+        # All pixel data present but the end-of-image marker missing: decode as complete.
+        if "Premature end" in str(e) and bytes(data[-2:]) != b"\xff\xd9":
+            try:
+                arr = simplejpeg.decode_jpeg(bytes(data) + b"\xff\xd9", colorspace="RGB", buffer=buf, **kw)
+            except ValueError:
+                arr = None
+    if arr is None or arr.shape != (dh, dw, 3):
+        return None, 0
+    return arr, k
+
+
+def _sniff(head: bytes) -> str | None:
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:2] == b"BM":
+        return "BMP"
+    return None
+
+
+def _open_rgb(data: bytes | memoryview, head: bytes, max_pixels: int) -> Image.Image:
+    """Pillow decode → oriented RGB image, with every mode converted as the module docstring says."""
+    fmt = _sniff(head)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        _check_pixels(im.width, im.height, max_pixels)
+        im.load()
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        rgb = _to_rgb(im)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own limit, checked in Image.open
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        count = f"{int(found.group(1)):,} pixels" if found else "the image's size"
+        raise DecodeError(
+            f"cannot decode image: {count} exceeds the limit of {limit:,} "
+            "(max_pixels and PIL.Image.MAX_IMAGE_PIXELS; a decompression-bomb guard)"
+        ) from None
+    except UnidentifiedImageError:
+        if fmt is None:
+            raise DecodeError(
+                f"cannot decode image: not a recognised image format (first bytes {head!r})"
+            ) from None
+        raise DecodeError(
+            f"cannot decode image: looks like {fmt} but its header is truncated or corrupt "
+            f"(first bytes {head!r})"
+        ) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, struct.error, EOFError, …
+        what = fmt or "image"
+        reason = str(e) or type(e).__name__
+        if "truncated" in reason.lower() or isinstance(e, (EOFError, struct.error)):
+            raise DecodeError(f"cannot decode image: {what} data is truncated ({reason})") from None
+        raise DecodeError(f"cannot decode image: {what} data is corrupt or unsupported ({reason})") from None
+    if isinstance(orientation, int) and 2 <= orientation <= 8:
+        rgb = rgb.transpose(_PIL_ORIENT[orientation])
+    return rgb
+
+
+_PIL_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB") and "transparency" in im.info
+    ):
+        rgba = im if mode == "RGBA" else (im.convert("LA") if mode == "La" else im).convert("RGBA")
+        background = Image.new("RGBA", im.size, (*WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        grey = ((np.clip(a, 0, 65535) * 2 + 257) // 514).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resize + crop
+
+
+def _resize_crop_pil(im: Image.Image, image_size: int, resize_size: int) -> np.ndarray:
+    """Pillow's antialiased bilinear on the crop box only: equals torchvision's Resize then CenterCrop."""
+    w, h = im.size
+    nw, nh = _resized_size(w, h, resize_size)
+    left, top = _crop_offsets(nw, nh, image_size)
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+    return np.asarray(im.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
+
+
+def _resize_crop_array(
+    arr: np.ndarray, w: int, h: int, factor: int, image_size: int, resize_size: int
+) -> np.ndarray:
+    """Resize + centre-crop an (H, W, 3) array decoded at 1/factor of the original (w, h) image."""
+    nw, nh = _resized_size(w, h, resize_size)
+    left, top = _crop_offsets(nw, nh, image_size)
+    ow, oh = left + image_size, top + image_size  # outputs up to the crop's far edge
+    sx, sy = w / nw / factor, h / nh / factor  # input pixels per output pixel
+    op = _torch_aa_op()
+    # Pillow when: no torch; torch runs several intra-op threads (per-image parallelism then costs
+    # several times more CPU than it saves); an extreme aspect ratio (the trimmed output would be huge).
+    if op is None or op[0].get_num_threads() != 1 or ow * oh > 4 * image_size * image_size:
+        return _resize_crop_box_pil(arr, sx, sy, left, top, image_size)
+    torch, aa = op
+    dh, dw = arr.shape[:2]
+    # The filter of output i reaches input sx·(i+½) ± max(sx, 1): trim what no kept output reads.
+    xe = min(dw, math.ceil(sx * ow + max(sx, 1.0)) + 1)
+    ye = min(dh, math.ceil(sy * oh + max(sy, 1.0)) + 1)
+    src = torch.from_numpy(arr[:ye, :xe]).permute(2, 0, 1).unsqueeze(0)
+    out = np.empty((oh, ow, 3), dtype=np.uint8)
+    try:
+        aa(src, [oh, ow], False, 1.0 / sy, 1.0 / sx, out=torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0))
+    except RuntimeError:  # a layout torch's kernel does not take: Pillow does the same
+        return _resize_crop_box_pil(arr, sx, sy, left, top, image_size)
+    return out[top:, left:]
+
+
+def _resize_crop_box_pil(arr: np.ndarray, sx: float, sy: float, left: int, top: int, size: int) -> np.ndarray:
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return np.asarray(Image.fromarray(arr, "RGB").resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+@cache
+def _torch_aa_op() -> tuple[Any, Any] | None:
+    """torch and its uint8 antialiased bilinear op writing into a caller's (NHWC) buffer; None if missing."""
+    try:
+        import torch
+
+        op = torch.ops.aten._upsample_bilinear2d_aa.out
+        probe = np.full((6, 8, 3), 7, dtype=np.uint8)  # the layouts _resize_crop_array passes: HWC views
+        out = np.zeros((3, 4, 3), dtype=np.uint8)
+        src = torch.from_numpy(probe[:5]).permute(2, 0, 1).unsqueeze(0)
+        op(src, [3, 4], False, 0.5, 0.5, out=torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0))
+        if not np.all(out == 7):
+            return None
+    except Exception:
+        return None
+    return torch, op
