@@ -104,7 +104,7 @@ def to_patches(
 
 
 class DecodePatches:
-    """Ray Data `map_batches` callable: {key, shard, bytes, error} → {key, shard, patches, error}.
+    """Ray Data `map_batches` callable: {key, shard, bytes, error, …} → {key, shard, patches, error, …}.
 
     Never raises for a bad image: its row gets `error = "decode: <ExceptionClass>: <message>"` and zero
     patches. Rows that arrive with an error (from the read stage) pass through unchanged, as do their zeros.
@@ -165,7 +165,9 @@ class DecodePatches:
         self.stats["errors"] += new_errors
         self.stats["seconds"] += time.perf_counter() - t0
         self.stats["cpu_seconds"] += time.thread_time() - c0
-        return {"key": keys, "shard": batch["shard"], "patches": patches, "error": errors}
+        # Columns this stage does not know (e.g. the run's bookkeeping) pass through unchanged.
+        passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "error")}
+        return {**passthrough, "patches": patches, "error": errors}
 
 
 # ---------------------------------------------------------------------------------------------------------

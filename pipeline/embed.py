@@ -45,7 +45,9 @@ class ModelSpec:
 
 
 def _outputs(batch: dict[str, np.ndarray], embedding: np.ndarray, logits: np.ndarray | None) -> dict:
-    out = {"key": batch["key"], "shard": batch["shard"], "embedding": embedding, "error": batch["error"]}
+    """The batch without its patches, plus the model outputs; other columns pass through unchanged."""
+    out = {k: v for k, v in batch.items() if k != "patches"}
+    out["embedding"] = embedding
     if logits is not None:
         out["logits"] = logits
     return out
