@@ -1,13 +1,17 @@
-"""The output directory's ledger: which runs committed, which shards they covered, what model they used.
+"""The output directory's ledger: which units of work are committed, by which run, with which model.
 
-A run record `_runs/<run_id>.json` (counts, timings, model identity) plus `_runs/<run_id>.shards.parquet`
-(one row per input shard: rel path, rows, errors) is written after the run's data files are in place, so a
-record exists only for fully committed runs. A later run into the same output:
+    _runs/<run_id>/run.json              identity (model, weights sha256, preprocessing), written at start
+    _runs/<run_id>/commit-<seq>.json     one per commit: the data files moved into place and the input
+                                         shards they complete (rel path, rows, errors); written after the
+                                         files are in place, so it is the commit point
+    _runs/<run_id>/summary.json          counts and timings, written when the run ends
 
-- skips the shards that committed runs already cover (incremental scheduled runs, re-runs after a crash);
+A later run into the same output:
+
+- skips the shards that commit records cover (re-runs after a crash, incremental scheduled runs);
 - refuses to mix in rows from a different model, weights or preprocessing;
-- removes data files of a run that has no record (a commit interrupted half-way) and stale staging files,
-  then processes their shards again, so no row is ever visible twice.
+- deletes data files that no commit record names (a commit interrupted between moving files and writing
+  its record) and stale staging files, then processes their shards again, so no row is visible twice.
 """
 
 from __future__ import annotations
@@ -15,21 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from pipeline.sink import write_json
+from pipeline.sink import STAGING_DIR, write_json
 from pipeline.sources import resolve_uri
 
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"
-STAGING_DIR = "_staging"
-_PART = re.compile(r"^part-(?P<run>[0-9A-Za-z-]+?)-\d{5}\.parquet$")
+_PART = re.compile(r"^part-.+\.parquet$")
+_COMMIT = re.compile(r"^commit-\d+\.json$")
 
 # Identity fields that must match between runs sharing one output directory.
 IDENTITY_KEYS = (
@@ -54,23 +55,28 @@ class OutputConflictError(ValueError):
 @dataclass
 class Ledger:
     output: str
-    runs: dict[str, dict] = field(default_factory=dict)  # run_id → record
+    runs: dict[str, dict] = field(default_factory=dict)  # run_id → run.json
     done: dict[str, tuple[int, int]] = field(default_factory=dict)  # shard rel → (rows, errors)
+    files: set[str] = field(default_factory=set)  # committed data file names
 
     @classmethod
     def read(cls, output: str) -> Ledger:
         fs, root = resolve_uri(output)
         ledger = cls(output)
-        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{RUNS_DIR}", allow_not_found=True))
+        infos = fs.get_file_info(
+            pafs.FileSelector(f"{root}/{RUNS_DIR}", recursive=True, allow_not_found=True)
+        )
         for info in sorted(infos, key=lambda i: i.path):
-            if info.path.endswith(".json"):
-                with fs.open_input_stream(info.path) as s:
-                    record = json.loads(s.read())
-                ledger.runs[record["run_id"]] = record
-        for run_id in ledger.runs:
-            table = pq.read_table(f"{root}/{RUNS_DIR}/{run_id}.shards.parquet", filesystem=fs)
-            for rel, rows, errors in zip(*(table[c].to_pylist() for c in ("shard", "rows", "errors"))):
-                ledger.done[rel] = (rows, errors)
+            if info.type != pafs.FileType.File:
+                continue
+            name, run_id = info.base_name, info.path.rsplit("/", 2)[-2]
+            if name == "run.json":
+                ledger.runs[run_id] = _read_json(fs, info.path)
+            elif _COMMIT.match(name):
+                record = _read_json(fs, info.path)
+                ledger.files.update(record["files"])
+                for rel, rows, errors in record["shards"]:
+                    ledger.done[rel] = (rows, errors)
         return ledger
 
     def check_identity(self, identity: dict[str, str]) -> None:
@@ -88,38 +94,58 @@ class Ledger:
                 )
 
     def clean_uncommitted(self) -> list[str]:
-        """Deletes data files whose run has no record, and stale staging files. Returns what it removed."""
+        """Deletes stale staging files and data files no commit names. Returns what it removed."""
         fs, root = resolve_uri(self.output)
         removed = []
         try:
-            fs.delete_dir(f"{root}/{STAGING_DIR}")
-            removed.append(f"{STAGING_DIR}/")
-        except (FileNotFoundError, OSError):
-            pass
+            if fs.get_file_info(pafs.FileSelector(f"{root}/{STAGING_DIR}", allow_not_found=True)):
+                fs.delete_dir(f"{root}/{STAGING_DIR}")
+                removed.append(f"{STAGING_DIR}/")
+        except (FileNotFoundError, OSError) as e:
+            log.debug("no staging to remove: %s", e)
         for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
             name = info.base_name
-            m = _PART.match(name)
-            if info.type == pafs.FileType.File and m and m.group("run") not in self.runs:
+            if info.type == pafs.FileType.File and _PART.match(name) and name not in self.files:
                 fs.delete_file(info.path)
                 removed.append(name)
         if removed:
-            log.warning("removed files of an interrupted earlier run from %s: %s", self.output, removed[:5])
+            log.warning(
+                "removed uncommitted files of an interrupted run from %s: %s", self.output, removed[:5]
+            )
         return removed
 
 
-def record_run(output: str, record: dict, shards: Iterable[tuple[str, int, int]]) -> None:
-    """Writes the shard table, then the run record: the record's presence is the commit."""
-    fs, root = resolve_uri(output)
-    fs.create_dir(f"{root}/{RUNS_DIR}", recursive=True)
-    shards = list(shards)
-    rels, rows, errors = zip(*shards) if shards else ((), (), ())
-    table = pa.table(
-        {
-            "shard": pa.array(rels, pa.string()),
-            "rows": pa.array(rows, pa.int64()),
-            "errors": pa.array(errors, pa.int64()),
+def _read_json(fs: pafs.FileSystem, path: str) -> dict:
+    with fs.open_input_stream(path) as s:
+        return json.loads(s.read())
+
+
+class RunLedger:
+    """The current run's side of the ledger: start record, commit records, summary."""
+
+    def __init__(self, output: str, run_id: str) -> None:
+        self.output, self.run_id = output, run_id
+        self.seq = 0
+
+    def _path(self, name: str) -> tuple[pafs.FileSystem, str]:
+        fs, root = resolve_uri(self.output)
+        return fs, f"{root}/{RUNS_DIR}/{self.run_id}/{name}"
+
+    def start(self, record: dict) -> None:
+        fs, path = self._path("run.json")
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        write_json(fs, path, record)
+
+    def record_commit(self, files: list[str], shards: dict[str, tuple[int, int]]) -> None:
+        """Writes the commit record: from here on these shards are done and these files are data."""
+        self.seq += 1
+        fs, path = self._path(f"commit-{self.seq:06d}.json")
+        record = {
+            "files": sorted(files),
+            "shards": [[rel, r, e] for rel, (r, e) in sorted(shards.items())],
         }
-    )
-    run_id = record["run_id"]
-    pq.write_table(table, f"{root}/{RUNS_DIR}/{run_id}.shards.parquet", filesystem=fs)
-    write_json(fs, f"{root}/{RUNS_DIR}/{run_id}.json", record)
+        write_json(fs, path, record)
+
+    def finish(self, summary: dict) -> None:
+        fs, path = self._path("summary.json")
+        write_json(fs, path, summary)

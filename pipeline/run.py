@@ -7,21 +7,25 @@ everything that needs no cluster (argument, weights and input checks) and is wha
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+import numpy as np
+
+from pipeline.commit import Committer
 from pipeline.config import JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodePatches
 from pipeline.embed import EmbedPatches, ModelSpec
-from pipeline.ledger import Ledger, record_run
-from pipeline.sink import OutputSpec, ParquetSink, make_datasink
+from pipeline.ledger import Ledger, RunLedger
+from pipeline.sink import OutputSpec, ParquetSink, Part, part_from_json, write_parts
 from pipeline.sources import ReadShards, Shard, list_shards, shards_to_items
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,10 @@ FORWARDED_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_PROFILE",
 )
-FILES_PER_READ_TASK = 64  # loose files are read in groups; a tar or Parquet shard is a task of its own
+FILES_PER_UNIT = 256  # loose files are read, committed and skipped in groups; a tar or Parquet shard alone
+MAX_INPUT_BLOCKS = 10_000
+WRITE_BATCH_ROWS = 4096  # rows per write call: parts of about this size, merged per unit at commit
+WRITE_CPUS = 0.25  # writing is mostly I/O
 
 
 class JobFailed(RuntimeError):
@@ -196,25 +203,51 @@ def _actor_stage(config: JobConfig, plan_: Plan) -> tuple[dict[str, Any], int, s
     return {"num_cpus": actor_cpus, "memory": memory}, size, f"{size} CPU actor(s) x {actor_cpus:g} CPUs"
 
 
-def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict):
-    """Read then decode in one CPU task; a generator so a large shard streams in small batches."""
-    decode = DecodePatches(**decode_kwargs)
-    for rows in ReadShards(**read_kwargs)(batch):
-        yield decode(rows)
+def make_units(shards: list[Shard]) -> dict[int, list[Shard]]:
+    """Units of work: each tar or Parquet shard alone, loose files in groups of FILES_PER_UNIT."""
+    files = [s for s in shards if s.kind == "file"]
+    groups = [files[i : i + FILES_PER_UNIT] for i in range(0, len(files), FILES_PER_UNIT)]
+    groups += [[s] for s in shards if s.kind != "file"]
+    return dict(enumerate(groups))
+
+
+def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict) -> Iterator[dict]:
+    """Read then decode one unit in one CPU task, as a generator so a large shard streams in batches.
+
+    Adds `unit` to every row and `unit_rows` (the unit's row count) to the rows of its last batch, which
+    is held back one step for that; -1 elsewhere. The commit loop needs both (pipeline/commit.py).
+    """
+    read, decode = ReadShards(**read_kwargs), DecodePatches(**decode_kwargs)
+    for unit, shards_json in zip(batch["unit"], batch["shards"]):
+        shards = json.loads(shards_json)
+        columns = {k: np.array([s[k] for s in shards], dtype=object) for k in ("path", "rel", "kind", "size")}
+        held, total = None, 0
+        for rows in read(columns):
+            n = len(rows["key"])
+            total += n
+            rows["unit"] = np.full(n, int(unit), np.int64)
+            rows["unit_rows"] = np.full(n, -1, np.int64)
+            if held is not None:
+                yield decode(held)
+            held = rows
+        if held is not None:
+            held["unit_rows"][:] = total
+            yield decode(held)
 
 
 def build_dataset(
     config: JobConfig,
     plan_: Plan,
+    units: dict[int, list[Shard]],
+    sink: ParquetSink,
     embedder: Callable | type | None = None,
     embedder_kwargs: dict | None = None,
 ):
-    """The Ray Data plan up to (not including) the write."""
+    """The Ray Data plan: units → read+decode (CPU tasks) → embed (actors) → write parts (CPU tasks)."""
     import ray
 
-    items = shards_to_items(plan_.shards)
-    per_task = FILES_PER_READ_TASK if all(s.kind == "file" for s in plan_.shards) else 1
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_task)))
+    items = [{"unit": u, "shards": json.dumps(shards_to_items(s))} for u, s in units.items()]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     read_kwargs = {
         "input_uri": config.input,
         "image_column": config.image_column,
@@ -244,13 +277,28 @@ def build_dataset(
             "cpu_threads": int(remote_args["num_cpus"]),
             "compile": config.compile,
         }
-    return ds.map_batches(
+    ds = ds.map_batches(
         embedder,
         batch_size=config.batch_size,
         fn_constructor_kwargs=embedder_kwargs or {},
         compute=ray.data.ActorPoolStrategy(size=size),
         **remote_args,
     )
+    return ds.map_batches(
+        write_parts, batch_size=WRITE_BATCH_ROWS, fn_kwargs={"sink": sink}, num_cpus=WRITE_CPUS
+    )
+
+
+def _place_with_ray(sink: ParquetSink) -> Callable[[list[list[Part]]], list[str]]:
+    """Places units in parallel Ray tasks (merging parts reads and writes data: keep it off the driver)."""
+    import ray
+
+    place = ray.remote(num_cpus=WRITE_CPUS, max_retries=3)(ParquetSink.place_unit)
+
+    def run_all(units: list[list[Part]]) -> list[str]:
+        return ray.get([place.remote(sink, parts) for parts in units])
+
+    return run_all
 
 
 def new_run_id() -> str:
@@ -274,7 +322,7 @@ def run(
             0,
             plan_.skipped_rows,
             0,
-            time.perf_counter() - start,
+            round(time.perf_counter() - start, 3),
             0.0,
             config.output,
             run_id,
@@ -284,46 +332,52 @@ def run(
             notes=["Nothing new to process."],
         )
     ensure_ray(num_cpus)
-    ledger = Ledger.read(config.output)
-    ledger.clean_uncommitted()
+    Ledger.read(config.output).clean_uncommitted()  # leftovers of an interrupted run, before writing
 
-    ds = build_dataset(config, plan_, embedder, embedder_kwargs)
+    units = make_units(plan_.shards)
+    sink = ParquetSink(config.output, plan_.output, run_id, {**plan_.identity, "run_id": run_id})
+    run_ledger = RunLedger(config.output, run_id)
+    run_ledger.start({"run_id": run_id, "started_at": started_at, "identity": plan_.identity})
+    committer = Committer(
+        {u: [s.rel for s in shards] for u, shards in units.items()},
+        run_ledger,
+        _place_with_ray(sink),
+        interval_s=config.commit_interval_s,
+    )
+    ds = build_dataset(config, plan_, units, sink, embedder, embedder_kwargs)
     _, _, actors = _actor_stage(config, plan_)
-    meta = {**plan_.identity, "run_id": run_id}
-    sink = ParquetSink(config.output, plan_.output, run_id, meta)
-    ds.write_datasink(make_datasink(sink))
-    committed = sink.committed  # on_write_complete runs in this (the driver's) process
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for text in batch["part"]:
+                committer.add(part_from_json(str(text)))
+        committer.finish()
+    finally:
+        sink.remove_staging()  # parts of units that did not complete are never used
+    stats = committer.stats
     seconds = time.perf_counter() - start
-    processed = sum(f.rows for f in committed)
-    errors = sum(f.errors for f in committed)
-    per_shard: dict[str, tuple[int, int]] = {s.rel: (0, 0) for s in plan_.shards}
-    for f in committed:
-        for rel, (r, e) in f.shards.items():
-            r0, e0 = per_shard.get(rel, (0, 0))
-            per_shard[rel] = (r0 + r, e0 + e)
-    error_rate = errors / processed if processed else 0.0
+    error_rate = stats.errors / stats.rows if stats.rows else 0.0
     summary = Summary(
-        processed=processed,
+        processed=stats.rows,
         skipped=plan_.skipped_rows,
-        errors=errors,
+        errors=stats.errors,
         seconds=round(seconds, 3),
-        images_per_s=round(processed / seconds, 2) if seconds else 0.0,
+        images_per_s=round(stats.rows / seconds, 2) if seconds else 0.0,
         output=config.output,
         run_id=run_id,
         error_rate=round(error_rate, 6),
-        files=len(committed),
+        files=stats.files,
         skipped_shards=plan_.skipped_shards,
         actors=actors,
     )
-    record = {
-        "run_id": run_id,
-        "started_at": started_at,
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "identity": plan_.identity,
-        "summary": summary.to_json(),
-        "files": [f.final.rsplit("/", 1)[-1] for f in committed],
-    }
-    record_run(config.output, record, [(rel, r, e) for rel, (r, e) in sorted(per_shard.items())])
+    run_ledger.finish(
+        {
+            "run_id": run_id,
+            "started_at": started_at,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "commits": stats.commits,
+            "summary": summary.to_json(),
+        }
+    )
     if error_rate > config.max_error_rate:
         summary.notes.append(
             f"Error rate {error_rate:.2%} is above --max-error-rate {config.max_error_rate:.2%}: the rows "

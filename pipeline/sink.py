@@ -2,21 +2,23 @@
 
 Layout of an output directory::
 
-    part-<run_id>-<task>-<n>.parquet    data, visible to pyarrow.dataset / DuckDB / Polars / Spark
-    _staging/<run_id>/…                 files being written; invisible (leading underscore)
-    _runs/<run_id>.json                 the run record, written last (see pipeline/run.py)
+    part-<run_id>-u<unit>-<id>.parquet   data, visible to pyarrow.dataset / DuckDB / Polars / Spark
+    _staging/<run_id>/…                  parts being written; invisible (leading underscore)
+    _runs/<run_id>/…                     the ledger (pipeline/ledger.py)
 
-Write tasks write into `_staging/<run_id>/` under names fixed by their task index, so a retried task
-overwrites its own file instead of adding a second copy. When every write task has finished, the driver
-moves the staged files into place (`commit`), so a run's rows become visible together or not at all.
+Write tasks write each batch's rows as one part per unit of work into `_staging/<run_id>/` under a fresh
+name (a retried task writes new names; its abandoned attempt is never committed). The driver moves the
+parts of a unit into place once every row of the unit is staged, then records the commit in the ledger
+(pipeline/run.py), so a unit's rows become visible together or not at all.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from pipeline.sources import resolve_uri
 log = logging.getLogger(__name__)
 
 METADATA_PREFIX = "vit_embed."
+STAGING_DIR = "_staging"
 ROW_GROUP_ROWS = 16_384
 _ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -130,85 +133,86 @@ def write_parquet(tables: Iterable[pa.Table], fs: pafs.FileSystem, path: str, sc
 
 
 @dataclass(frozen=True)
-class StagedFile:
-    staged: str  # path in the filesystem, under _staging/<run_id>/
-    final: str  # where commit moves it
+class Part:
+    """One staged data file: rows of a single unit of work, written by one write call."""
+
+    staged: str  # path under _staging/<run_id>/
+    unit: int
     rows: int
     errors: int
-    shards: dict[str, tuple[int, int]]  # input shard rel → (rows, errors) in this file
+    unit_rows: int  # the unit's total row count when this part holds its last row, else -1
+    shards: dict[str, tuple[int, int]]  # input shard rel → (rows, errors) in this part
 
 
 class ParquetSink:
-    """Ray Data Datasink (duck-typed here, subclassed in `make_datasink`) writing one file per write task.
+    """Writes staged Parquet parts (one per unit per write call) and commits them into place.
 
-    Plain Python so it is testable without a cluster: `write()` takes Arrow/numpy blocks.
+    Plain Python, so it is testable without a cluster: `write_parts` takes one batch as a dict of numpy
+    arrays with the embed stage's columns plus `unit` and `unit_rows` (see pipeline/run.py).
     """
 
-    def __init__(
-        self,
-        output: str,
-        spec: OutputSpec,
-        run_id: str,
-        metadata: Mapping[str, str],
-        min_rows_per_file: int = 4096,
-    ) -> None:
+    def __init__(self, output: str, spec: OutputSpec, run_id: str, metadata: Mapping[str, str]) -> None:
+        # Only strings and small values: this object is pickled into every write task.
         self.output = output.rstrip("/")
         self.spec = spec
         self.run_id = run_id
         self.metadata = dict(metadata)
-        self._min_rows = min_rows_per_file
-        self.committed: list[StagedFile] = []
-
-    def _fs(self) -> tuple[pafs.FileSystem, str]:
-        return resolve_uri(self.output)
 
     @property
     def staging_dir(self) -> str:
-        return f"_staging/{self.run_id}"
+        return f"{STAGING_DIR}/{self.run_id}"
 
-    def write_blocks(self, blocks: Iterable[Any], task_idx: int) -> list[StagedFile]:
-        fs, root = self._fs()
+    def write_parts(self, batch: Mapping[str, np.ndarray]) -> list[Part]:
+        fs, root = resolve_uri(self.output)
         schema = self.spec.schema(self.metadata)
-        name = f"part-{self.run_id}-{task_idx:05d}.parquet"
-        staged, final = f"{root}/{self.staging_dir}/{name}", f"{root}/{name}"
         fs.create_dir(f"{root}/{self.staging_dir}", recursive=True)
-        shards: dict[str, tuple[int, int]] = {}
+        units = np.asarray(batch["unit"], dtype=np.int64)
+        unit_rows = np.asarray(batch["unit_rows"], dtype=np.int64)
+        parts = []
+        for unit in np.unique(units):
+            idx = np.flatnonzero(units == unit)
+            sub = {k: np.asarray(v)[idx] for k, v in batch.items()}
+            table = to_table(sub, self.spec, schema)
+            failed = table["error"].is_valid().to_numpy(zero_copy_only=False)
+            shards: dict[str, tuple[int, int]] = {}
+            for shard, bad in zip(sub["shard"], failed):
+                rows, errs = shards.get(str(shard), (0, 0))
+                shards[str(shard)] = (rows + 1, errs + int(bad))
+            # A fresh name per attempt: a retried task never overwrites a part another attempt reported.
+            staged = f"{root}/{self.staging_dir}/u{int(unit):06d}-{uuid.uuid4().hex}.parquet"
+            write_parquet([table], fs, staged, schema)
+            total = int(unit_rows[idx].max())
+            parts.append(Part(staged, int(unit), table.num_rows, int(failed.sum()), total, shards))
+        return parts
 
-        def tables() -> Iterable[pa.Table]:
-            for block in blocks:
-                batch = _block_to_numpy(block)
-                table = to_table(batch, self.spec, schema)
-                failed = table["error"].is_valid().to_numpy(zero_copy_only=False)
-                for shard, bad in zip(batch["shard"], failed):
-                    rows, errs = shards.get(shard, (0, 0))
-                    shards[str(shard)] = (rows + 1, errs + int(bad))
-                yield table
+    def final_name(self, unit: int) -> str:
+        return f"part-{self.run_id}-u{unit:06d}.parquet"
 
-        rows = write_parquet(tables(), fs, staged, schema)
-        if rows == 0:
-            fs.delete_file(staged)
-            return []
-        errors = sum(e for _, e in shards.values())
-        return [StagedFile(staged, final, rows, errors, shards)]
+    def place_unit(self, parts: list[Part]) -> str:
+        """Puts one unit's staged parts into place as ONE file; returns its name.
 
-    def commit(self, staged: Iterable[StagedFile]) -> list[StagedFile]:
-        """Moves every staged file into place; the run's rows appear together."""
-        fs, root = self._fs()
-        done = []
-        for f in staged:
-            fs.move(f.staged, f.final)
-            done.append(f)
-        self._remove_staging(fs, root)
-        self.committed = done
-        return done
+        One part is moved (a rename locally, a single-object copy on S3); several are first merged into
+        one staged file. Either way the unit appears in the dataset in one atomic step.
+        """
+        fs, root = resolve_uri(self.output)
+        name = self.final_name(parts[0].unit)
+        if len(parts) == 1:
+            fs.move(parts[0].staged, f"{root}/{name}")
+            return name
+        schema = self.spec.schema(self.metadata)
+        merged = f"{root}/{self.staging_dir}/{name}"
+        write_parquet(
+            (pq.read_table(p.staged, filesystem=fs, schema=schema) for p in parts), fs, merged, schema
+        )
+        fs.move(merged, f"{root}/{name}")
+        for p in parts:
+            fs.delete_file(p.staged)
+        return name
 
-    def abort(self) -> None:
-        """Removes this run's staged files (best effort): nothing of a failed run becomes visible."""
-        fs, root = self._fs()
-        self._remove_staging(fs, root)
-
-    def _remove_staging(self, fs: pafs.FileSystem, root: str) -> None:
-        parent = f"{root}/{self.staging_dir.split('/')[0]}"
+    def remove_staging(self) -> None:
+        """Removes this run's staging directory (and `_staging/` when it is empty)."""
+        fs, root = resolve_uri(self.output)
+        parent = f"{root}/{STAGING_DIR}"
         for d in (f"{root}/{self.staging_dir}", parent):
             try:
                 if d == parent and fs.get_file_info(pafs.FileSelector(d, allow_not_found=True)):
@@ -218,40 +222,16 @@ class ParquetSink:
                 log.debug("nothing to remove at %s: %s", d, e)
 
 
-def _block_to_numpy(block: Any) -> Mapping[str, np.ndarray]:
-    if isinstance(block, Mapping):
-        return block
-    from ray.data.block import BlockAccessor  # a Ray block: only reached inside a Ray write task
-
-    return BlockAccessor.for_block(block).to_batch_format("numpy")
+def write_parts(batch: dict[str, np.ndarray], sink: ParquetSink) -> dict[str, np.ndarray]:
+    """The write stage as a Ray Data map_batches function: one result row per part written."""
+    parts = sink.write_parts(batch)
+    return {"part": np.array([json.dumps(asdict(p)) for p in parts], dtype=object)}
 
 
-def make_datasink(sink: ParquetSink) -> Any:
-    """Wraps a ParquetSink as a `ray.data.Datasink` (Ray is imported only here)."""
-    from ray.data import Datasink
-
-    class _ParquetDatasink(Datasink[list[StagedFile]]):
-        def __init__(self) -> None:
-            self.sink = sink
-
-        def write(self, blocks: Iterable[Any], ctx: Any) -> list[StagedFile]:
-            return self.sink.write_blocks(blocks, ctx.task_idx)
-
-        def on_write_complete(self, write_result: Any) -> None:
-            staged = [f for task in write_result.write_returns for f in task]
-            self.sink.commit(staged)
-
-        def on_write_failed(self, error: Exception) -> None:
-            self.sink.abort()
-
-        @property
-        def min_rows_per_write(self) -> int:
-            return self.sink._min_rows
-
-        def get_name(self) -> str:
-            return "WriteParquet"
-
-    return _ParquetDatasink()
+def part_from_json(text: str) -> Part:
+    d = json.loads(text)
+    d["shards"] = {k: tuple(v) for k, v in d["shards"].items()}
+    return Part(**d)
 
 
 def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:

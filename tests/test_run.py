@@ -82,7 +82,7 @@ def test_local_files_to_local_output(tmp_path: Path, ray_local: None):
     assert meta["model"] == "vit_ti_16" and meta["weights_sha256"] == "random"
     assert meta["image_size"] == "32" and "centre crop 32" in meta["preprocessing"]
     assert meta["version"] and meta["run_id"] == summary.run_id
-    assert (out / "_runs" / f"{summary.run_id}.json").exists()
+    assert (out / "_runs" / summary.run_id / "summary.json").exists()
 
     # Same command again: nothing new to do, nothing written twice.
     again = run(JobConfig(input=str(src), output=str(out), max_error_rate=0.5, **SMALL))
@@ -170,10 +170,11 @@ def test_run_record_has_counts(tmp_path: Path, ray_local: None):
     make_sample(src, n=4)
     out = tmp_path / "out"
     summary = run(JobConfig(input=str(src), output=str(out), **SMALL))
-    record = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
-    assert record["summary"]["processed"] == 4
-    assert record["identity"]["model"] == "vit_ti_16"
-    shards = pq.read_table(out / "_runs" / f"{summary.run_id}.shards.parquet")
-    assert sorted(shards["shard"].to_pylist()) == sorted(
+    run_dir = out / "_runs" / summary.run_id
+    assert json.loads((run_dir / "run.json").read_text())["identity"]["model"] == "vit_ti_16"
+    assert json.loads((run_dir / "summary.json").read_text())["summary"]["processed"] == 4
+    commits = [json.loads(p.read_text()) for p in sorted(run_dir.glob("commit-*.json"))]
+    assert sorted(rel for c in commits for rel, _, _ in c["shards"]) == sorted(
         p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()
     )
+    assert sorted(f for c in commits for f in c["files"]) == sorted(p.name for p in out.glob("*.parquet"))

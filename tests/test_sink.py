@@ -1,4 +1,4 @@
-"""Sink: fixed-size-list columns, nulls on error rows, footer metadata, staging + commit."""
+"""Sink: fixed-size-list columns, nulls on error rows, footer metadata, staged parts, one file per unit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sink import OutputSpec, ParquetSink, footer_metadata, to_table
+from pipeline.sink import OutputSpec, ParquetSink, footer_metadata, part_from_json, to_table, write_parts
 
 
 def _batch(n: int, dim: int, classes: int, bad: set[int], shard: str = "s0") -> dict[str, np.ndarray]:
@@ -41,35 +41,66 @@ def test_headless_model_has_no_logits_column():
     assert t.column_names == ["key", "embedding", "error"]
 
 
-def test_write_commit_and_read_back(tmp_path):
+def _unit_batch(n: int, dim: int, classes: int, bad: set[int], unit: int, shard: str, total: int = -1):
+    b = _batch(n, dim, classes, bad, shard)
+    b["unit"] = np.full(n, unit, np.int64)
+    b["unit_rows"] = np.full(n, total, np.int64)
+    return b
+
+
+def _concat(*batches):
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def test_parts_per_unit_then_one_file_per_unit(tmp_path):
     out = tmp_path / "out"
     spec = OutputSpec(16, 10, "float16", "float16")
     sink = ParquetSink(str(out), spec, "run1", {"model": "vit_ti_16", "weights_sha256": "abc"})
-    staged = sink.write_blocks([_batch(5, 16, 10, {1}, "a.tar"), _batch(3, 16, 10, set(), "b.tar")], 0)
-    staged += sink.write_blocks([_batch(2, 16, 10, {0}, "c.tar")], 1)
-    staged += sink.write_blocks([], 2)  # an empty write task leaves no file
-    assert len(staged) == 2
-    # Before commit nothing is visible in the dataset.
+    # Two write calls; unit 0 spans both (its last row, with the total, in the second), unit 1 is whole.
+    first = sink.write_parts(
+        _concat(_unit_batch(5, 16, 10, {1}, 0, "a.tar"), _unit_batch(3, 16, 10, set(), 1, "b.tar", total=3))
+    )
+    second = sink.write_parts(_unit_batch(2, 16, 10, {0}, 0, "a.tar", total=7))
+    assert [(p.unit, p.rows, p.errors, p.unit_rows) for p in first] == [(0, 5, 1, -1), (1, 3, 0, 3)]
+    assert [(p.unit, p.rows, p.errors, p.unit_rows, p.shards) for p in second] == [
+        (0, 2, 1, 7, {"a.tar": (2, 1)})
+    ]
+    # Staged parts are invisible.
     assert pads.dataset(str(out), format="parquet").count_rows() == 0
-    sink.commit(staged)
-    ds = pads.dataset(str(out), format="parquet")
-    table = ds.to_table()
-    assert table.num_rows == 10
-    assert sorted(f.name for f in out.iterdir()) == ["part-run1-00000.parquet", "part-run1-00001.parquet"]
-    assert staged[0].shards == {"a.tar": (5, 1), "b.tar": (3, 0)}
-    assert staged[1].errors == 1
-    f = pq.ParquetFile(out / "part-run1-00000.parquet")
+    names = [sink.place_unit([first[0], second[0]]), sink.place_unit([first[1]])]
+    assert names == ["part-run1-u000000.parquet", "part-run1-u000001.parquet"]
+    sink.remove_staging()
+    assert sorted(f.name for f in out.iterdir()) == names
+    table = pads.dataset(str(out), format="parquet").to_table()
+    assert table.num_rows == 10 and table["error"].null_count == 8
+    f = pq.ParquetFile(out / names[0])
+    assert f.metadata.num_rows == 7
     assert footer_metadata(f) == {"model": "vit_ti_16", "weights_sha256": "abc"}
     col = f.metadata.row_group(0).column(1)
     assert col.path_in_schema == "embedding.list.element"
     assert "BYTE_STREAM_SPLIT" in col.encodings and col.compression == "ZSTD"
 
 
+def test_part_json_round_trip(tmp_path):
+    sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r", {})
+    [part] = sink.write_parts(_unit_batch(3, 4, 2, {2}, 5, "x", total=3))
+    text = write_parts(_unit_batch(3, 4, 2, {2}, 5, "x", total=3), sink)["part"][0]
+    again = part_from_json(text)
+    assert (again.unit, again.rows, again.errors, again.unit_rows, again.shards) == (
+        5,
+        3,
+        1,
+        3,
+        {"x": (3, 1)},
+    )
+    assert part.staged != again.staged  # every write attempt gets its own staged name
+
+
 def test_other_readers_see_fixed_size_vectors(tmp_path):
     duckdb = pytest.importorskip("duckdb", reason="duckdb is in the test extra")
     polars = pytest.importorskip("polars", reason="polars is in the test extra")
     sink = ParquetSink(str(tmp_path), OutputSpec(8, 3), "r", {})
-    sink.commit(sink.write_blocks([_batch(6, 8, 3, {4})], 0))
+    sink.place_unit(sink.write_parts(_unit_batch(6, 8, 3, {4}, 0, "s", total=6)))
     glob = f"{tmp_path}/*.parquet"
     rows = duckdb.sql(
         f"SELECT key, array_cosine_similarity(embedding::FLOAT[8], embedding::FLOAT[8]) AS s "
@@ -81,8 +112,8 @@ def test_other_readers_see_fixed_size_vectors(tmp_path):
     assert df.filter(polars.col("error").is_not_null()).height == 1
 
 
-def test_abort_leaves_nothing_visible(tmp_path):
+def test_remove_staging_leaves_nothing_visible(tmp_path):
     sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r", {})
-    sink.write_blocks([_batch(3, 4, 2, set())], 0)
-    sink.abort()
-    assert not any(tmp_path.rglob("*.parquet"))
+    sink.write_parts(_unit_batch(3, 4, 2, set(), 0, "s"))
+    sink.remove_staging()
+    assert not any(tmp_path.rglob("*.parquet")) and not (tmp_path / "_staging").exists()
