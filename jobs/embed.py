@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    p.add_argument(
+        "--commit-interval",
+        type=float,
+        default=10.0,
+        help="seconds between commits of finished units while the run goes on",
+    )
     p.add_argument("--dry-run", action="store_true", help="check arguments, weights and input; run nothing")
     p.add_argument(
         "--demo",
@@ -127,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         actor_cpus=args.actor_cpus,
         device=args.device,
         compile=args.compile,
+        commit_interval_s=args.commit_interval,
     )
 
 
