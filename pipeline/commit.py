@@ -56,6 +56,7 @@ class CommitStats:
     files: int = 0
     commits: int = 0
     shards: dict[str, tuple[int, int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # stage → seconds, summed over workers
 
 
 class Committer:
@@ -77,6 +78,8 @@ class Committer:
         unit = self.units[part.unit]
         unit.parts.append(part)
         unit.written += part.rows
+        for stage, sec in part.seconds.items():
+            self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + sec
         if part.unit_rows >= 0:
             unit.total = part.unit_rows
         if unit.written > unit.total >= 0:

@@ -44,10 +44,14 @@ class ModelSpec:
         )
 
 
-def _outputs(batch: dict[str, np.ndarray], embedding: np.ndarray, logits: np.ndarray | None) -> dict:
-    """The batch without its patches, plus the model outputs; other columns pass through unchanged."""
+def _outputs(
+    batch: dict[str, np.ndarray], embedding: np.ndarray, logits: np.ndarray | None, seconds: float
+) -> dict:
+    """The batch without its patches, plus the model outputs and `embed_s` (this batch's model time per
+    row, for the run's per-stage report); other columns pass through unchanged."""
     out = {k: v for k, v in batch.items() if k != "patches"}
     out["embedding"] = embedding
+    out["embed_s"] = np.full(len(embedding), seconds / max(1, len(embedding)))
     if logits is not None:
         out["logits"] = logits
     return out
@@ -117,8 +121,9 @@ class EmbedPatches:
             except Exception as e:  # the model failed on this batch: its rows become error rows
                 log.exception("embedding a batch of %d images failed", int(ok.sum()))
                 errors[ok] = f"embed: {type(e).__name__}: {e}"
-        self.seconds += time.perf_counter() - start
-        return _outputs({**batch, "error": errors}, embedding, logits)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        return _outputs({**batch, "error": errors}, embedding, logits, seconds)
 
 
 class FakeEmbedPatches:
@@ -140,6 +145,7 @@ class FakeEmbedPatches:
         self._proj: np.ndarray | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
         patches = np.asarray(batch["patches"])
         n = len(batch["key"])
         if self._proj is None:
@@ -158,4 +164,5 @@ class FakeEmbedPatches:
             {**batch, "error": errors},
             emb.astype(self.embedding_dtype),
             None if logits is None else logits.astype(self.logits_dtype),
+            time.perf_counter() - start,
         )

@@ -47,6 +47,20 @@ WRITE_BATCH_ROWS = 4096  # rows per write call: parts of about this size, merged
 WRITE_CPUS = 0.25  # writing is mostly I/O
 
 
+BOUND_HINTS = {
+    "read": "Read-bound: the input storage or network is the limit; add CPU workers or nodes near the data.",
+    "decode": "Decode-bound: add CPU workers (or CPU nodes), or use a smaller --image-size.",
+    "embed": "Model-bound: add GPUs (one model actor each), raise --batch-size, or try --compile.",
+    "write": "Write-bound: the output storage is the limit.",
+}
+
+
+def bottleneck(stage_seconds: dict[str, float], task_slots: float, actors: int) -> str:
+    """The stage whose workers were busiest: CPU-task stages share `task_slots`, the model has `actors`."""
+    busy = {k: v / (actors if k == "embed" else task_slots) for k, v in stage_seconds.items()}
+    return max(busy, key=lambda k: busy[k]) if busy else ""
+
+
 class JobFailed(RuntimeError):
     """The run finished but must be reported as failed (e.g. too many error rows)."""
 
@@ -100,6 +114,8 @@ class Summary:
     files: int
     skipped_shards: int = 0
     actors: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over the workers of a stage
+    bound: str = ""  # the stage that limits the run
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -112,6 +128,9 @@ class Summary:
         ]
         if self.skipped:
             lines.append(f"Skipped {self.skipped} rows already written by earlier runs.")
+        if self.stage_seconds:
+            spent = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())
+            lines.append(f"Seconds per stage, all workers together: {spent}. {BOUND_HINTS[self.bound]}")
         lines += self.notes
         return "\n".join(lines)
 
@@ -211,28 +230,50 @@ def make_units(shards: list[Shard]) -> dict[int, list[Shard]]:
     return dict(enumerate(groups))
 
 
+def _task_slots(actor_args: dict[str, Any], actors: int) -> float:
+    """CPUs left for the read/decode/write tasks once the model actors have theirs."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1.0, cpus - actors * actor_args.get("num_cpus", 1))
+
+
 def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict) -> Iterator[dict]:
     """Read then decode one unit in one CPU task, as a generator so a large shard streams in batches.
 
     Adds `unit` to every row and `unit_rows` (the unit's row count) to the rows of its last batch, which
     is held back one step for that; -1 elsewhere. The commit loop needs both (pipeline/commit.py).
+    `read_s` and `decode_s` carry each row's share of its batch's time to the per-stage report.
     """
     read, decode = ReadShards(**read_kwargs), DecodePatches(**decode_kwargs)
+
+    def decoded(rows: dict) -> dict:
+        start = time.perf_counter()
+        out = decode(rows)
+        out["decode_s"] = np.full(len(rows["key"]), (time.perf_counter() - start) / len(rows["key"]))
+        return out
+
     for unit, shards_json in zip(batch["unit"], batch["shards"]):
         shards = json.loads(shards_json)
         columns = {k: np.array([s[k] for s in shards], dtype=object) for k in ("path", "rel", "kind", "size")}
         held, total = None, 0
-        for rows in read(columns):
+        rows_iter = read(columns)
+        while True:
+            start = time.perf_counter()
+            rows = next(rows_iter, None)
+            if rows is None:
+                break
             n = len(rows["key"])
             total += n
             rows["unit"] = np.full(n, int(unit), np.int64)
             rows["unit_rows"] = np.full(n, -1, np.int64)
+            rows["read_s"] = np.full(n, (time.perf_counter() - start) / n)
             if held is not None:
-                yield decode(held)
+                yield decoded(held)
             held = rows
         if held is not None:
             held["unit_rows"][:] = total
-            yield decode(held)
+            yield decoded(held)
 
 
 def build_dataset(
@@ -345,7 +386,7 @@ def run(
         interval_s=config.commit_interval_s,
     )
     ds = build_dataset(config, plan_, units, sink, embedder, embedder_kwargs)
-    _, _, actors = _actor_stage(config, plan_)
+    remote_args, pool_size, actors = _actor_stage(config, plan_)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["part"]:
@@ -368,6 +409,8 @@ def run(
         files=stats.files,
         skipped_shards=plan_.skipped_shards,
         actors=actors,
+        stage_seconds={k: round(v, 3) for k, v in stats.seconds.items()},
+        bound=bottleneck(stats.seconds, _task_slots(remote_args, pool_size), pool_size),
     )
     run_ledger.finish(
         {

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 METADATA_PREFIX = "vit_embed."
 STAGING_DIR = "_staging"
+STAGES = ("read", "decode", "embed")  # stages whose per-row seconds arrive as `<stage>_s` columns
 ROW_GROUP_ROWS = 16_384
 _ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -142,6 +144,7 @@ class Part:
     errors: int
     unit_rows: int  # the unit's total row count when this part holds its last row, else -1
     shards: dict[str, tuple[int, int]]  # input shard rel → (rows, errors) in this part
+    seconds: dict[str, float] = field(default_factory=dict)  # stage → seconds spent on these rows
 
 
 class ParquetSink:
@@ -170,6 +173,7 @@ class ParquetSink:
         unit_rows = np.asarray(batch["unit_rows"], dtype=np.int64)
         parts = []
         for unit in np.unique(units):
+            start = time.perf_counter()
             idx = np.flatnonzero(units == unit)
             sub = {k: np.asarray(v)[idx] for k, v in batch.items()}
             table = to_table(sub, self.spec, schema)
@@ -182,7 +186,13 @@ class ParquetSink:
             staged = f"{root}/{self.staging_dir}/u{int(unit):06d}-{uuid.uuid4().hex}.parquet"
             write_parquet([table], fs, staged, schema)
             total = int(unit_rows[idx].max())
-            parts.append(Part(staged, int(unit), table.num_rows, int(failed.sum()), total, shards))
+            seconds = {
+                stage: float(np.asarray(sub[f"{stage}_s"], dtype=np.float64).sum())
+                for stage in STAGES
+                if f"{stage}_s" in sub
+            }
+            seconds["write"] = time.perf_counter() - start
+            parts.append(Part(staged, int(unit), table.num_rows, int(failed.sum()), total, shards, seconds))
         return parts
 
     def final_name(self, unit: int) -> str:

@@ -117,3 +117,12 @@ def test_identity_conflict_names_the_difference(tmp_path):
     ledger.check_identity({"model": "m"})
     with pytest.raises(OutputConflictError, match="'m' there, 'other' now"):
         ledger.check_identity({"model": "other"})
+
+
+def test_bottleneck_weighs_stage_time_by_workers():
+    from pipeline.run import bottleneck
+
+    seconds = {"read": 1.0, "decode": 30.0, "embed": 12.0, "write": 0.5}
+    assert bottleneck(seconds, task_slots=1, actors=1) == "decode"
+    assert bottleneck(seconds, task_slots=15, actors=1) == "embed"  # 15 decode CPUs, one GPU
+    assert bottleneck({}, task_slots=1, actors=1) == ""

@@ -153,6 +153,10 @@ def test_fake_embedder_and_float16(tmp_path: Path, ray_local: None):
     table = _read_output(str(out))
     assert table.num_rows == 20 == summary.processed
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), 192)
+    # The per-stage report covers every stage and names the one that bounds the run.
+    assert set(summary.stage_seconds) == {"read", "decode", "embed", "write"}
+    assert all(v >= 0 for v in summary.stage_seconds.values()) and summary.stage_seconds["decode"] > 0
+    assert summary.bound in summary.stage_seconds
 
 
 def test_clear_errors_before_anything_runs(tmp_path: Path, s3_server: str, s3_bucket: str):
