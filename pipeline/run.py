@@ -204,8 +204,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
 
 
-def _actor_stage(config: JobConfig, plan_: Plan) -> tuple[dict[str, Any], int, str]:
-    """Resources, pool size and a description for the model actors."""
+@dataclass(frozen=True)
+class ActorStage:
+    """How the model actors are placed on this cluster."""
+
+    remote_args: dict[str, Any]
+    size: int
+    task_slots: float  # CPUs left for the read/decode/write tasks
+    description: str
+
+
+def actor_stage(config: JobConfig, plan_: Plan) -> ActorStage:
+    """One model actor per GPU (num_gpus=1) when the cluster has GPUs, else CPU actors."""
     import ray
 
     resources = ray.cluster_resources()
@@ -213,13 +223,17 @@ def _actor_stage(config: JobConfig, plan_: Plan) -> tuple[dict[str, Any], int, s
     memory = int(plan_.num_params * 4 * 2 + 2**30)  # fp32 weights twice (load + device) + torch runtime
     if config.device in ("auto", "cuda") and gpus > 0:
         size = config.num_actors or gpus
-        return {"num_gpus": 1, "num_cpus": 1, "memory": memory}, size, f"{size} GPU actor(s)"
-    if config.device == "cuda":
+        args: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1, "memory": memory}
+        description = f"{size} GPU actor(s)"
+    elif config.device == "cuda":
         raise JobFailed("--device cuda was given but the Ray cluster has no GPU; use --device auto or cpu.")
-    actor_cpus = config.actor_cpus or max(1.0, math.floor(cpus / 2))
-    size = config.num_actors or 1
-    # `memory` differs from the decode tasks' resources, so Ray Data does not fuse decode into the actor.
-    return {"num_cpus": actor_cpus, "memory": memory}, size, f"{size} CPU actor(s) x {actor_cpus:g} CPUs"
+    else:
+        actor_cpus = config.actor_cpus or max(1.0, math.floor(cpus / 2))
+        size = config.num_actors or 1
+        # `memory` differs from the decode tasks' resources, so Ray Data does not fuse decode into the actor.
+        args = {"num_cpus": actor_cpus, "memory": memory}
+        description = f"{size} CPU actor(s) x {actor_cpus:g} CPUs"
+    return ActorStage(args, size, max(1.0, cpus - size * args["num_cpus"]), description)
 
 
 def make_units(shards: list[Shard]) -> dict[int, list[Shard]]:
@@ -228,14 +242,6 @@ def make_units(shards: list[Shard]) -> dict[int, list[Shard]]:
     groups = [files[i : i + FILES_PER_UNIT] for i in range(0, len(files), FILES_PER_UNIT)]
     groups += [[s] for s in shards if s.kind != "file"]
     return dict(enumerate(groups))
-
-
-def _task_slots(actor_args: dict[str, Any], actors: int) -> float:
-    """CPUs left for the read/decode/write tasks once the model actors have theirs."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1.0, cpus - actors * actor_args.get("num_cpus", 1))
 
 
 def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict) -> Iterator[dict]:
@@ -281,6 +287,7 @@ def build_dataset(
     plan_: Plan,
     units: dict[int, list[Shard]],
     sink: ParquetSink,
+    actors: ActorStage,
     embedder: Callable | type | None = None,
     embedder_kwargs: dict | None = None,
 ):
@@ -288,7 +295,7 @@ def build_dataset(
     import ray
 
     items = [{"unit": u, "shards": json.dumps(shards_to_items(s))} for u, s in units.items()]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     read_kwargs = {
         "input_uri": config.input,
         "image_column": config.image_column,
@@ -301,12 +308,11 @@ def build_dataset(
         "max_pixels": config.max_pixels or DEFAULT_MAX_PIXELS,
     }
     ds = ds.map_batches(
-        _read_and_decode,
+        _read_and_decode,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         batch_size=1,
         fn_kwargs={"read_kwargs": read_kwargs, "decode_kwargs": decode_kwargs},
         num_cpus=1,
     )
-    remote_args, size, _ = _actor_stage(config, plan_)
     if embedder is None:
         embedder = EmbedPatches
         embedder_kwargs = {
@@ -314,19 +320,22 @@ def build_dataset(
             "embedding_dtype": config.embedding_dtype,
             "logits_dtype": config.logits_dtype,
             # GPU actors take "auto": a node that declares a GPU without having one still runs (on CPU).
-            "device": "auto" if "num_gpus" in remote_args else "cpu",
-            "cpu_threads": int(remote_args["num_cpus"]),
+            "device": "auto" if "num_gpus" in actors.remote_args else "cpu",
+            "cpu_threads": int(actors.remote_args["num_cpus"]),
             "compile": config.compile,
         }
     ds = ds.map_batches(
         embedder,
         batch_size=config.batch_size,
         fn_constructor_kwargs=embedder_kwargs or {},
-        compute=ray.data.ActorPoolStrategy(size=size),
-        **remote_args,
+        compute=ray.data.ActorPoolStrategy(size=actors.size),
+        **actors.remote_args,
     )
     return ds.map_batches(
-        write_parts, batch_size=WRITE_BATCH_ROWS, fn_kwargs={"sink": sink}, num_cpus=WRITE_CPUS
+        write_parts,  # type: ignore[arg-type]
+        batch_size=WRITE_BATCH_ROWS,
+        fn_kwargs={"sink": sink},
+        num_cpus=WRITE_CPUS,
     )
 
 
@@ -360,16 +369,16 @@ def run(
     run_id = new_run_id()
     if not plan_.shards:
         return Summary(
-            0,
-            plan_.skipped_rows,
-            0,
-            round(time.perf_counter() - start, 3),
-            0.0,
-            config.output,
-            run_id,
-            0.0,
-            0,
-            plan_.skipped_shards,
+            processed=0,
+            skipped=plan_.skipped_rows,
+            errors=0,
+            seconds=round(time.perf_counter() - start, 3),
+            images_per_s=0.0,
+            output=config.output,
+            run_id=run_id,
+            error_rate=0.0,
+            files=0,
+            skipped_shards=plan_.skipped_shards,
             notes=["Nothing new to process."],
         )
     ensure_ray(num_cpus)
@@ -385,8 +394,8 @@ def run(
         _place_with_ray(sink),
         interval_s=config.commit_interval_s,
     )
-    ds = build_dataset(config, plan_, units, sink, embedder, embedder_kwargs)
-    remote_args, pool_size, actors = _actor_stage(config, plan_)
+    actors = actor_stage(config, plan_)
+    ds = build_dataset(config, plan_, units, sink, actors, embedder, embedder_kwargs)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["part"]:
@@ -408,9 +417,9 @@ def run(
         error_rate=round(error_rate, 6),
         files=stats.files,
         skipped_shards=plan_.skipped_shards,
-        actors=actors,
+        actors=actors.description,
         stage_seconds={k: round(v, 3) for k, v in stats.seconds.items()},
-        bound=bottleneck(stats.seconds, _task_slots(remote_args, pool_size), pool_size),
+        bound=bottleneck(stats.seconds, actors.task_slots, actors.size),
     )
     run_ledger.finish(
         {
