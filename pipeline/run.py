@@ -83,6 +83,7 @@ class Plan:
     identity: dict[str, str]
     resize_size: int
     num_params: int
+    ledger: Ledger  # the output's ledger as read when planning
 
     def describe(self) -> str:
         kinds = sorted({s.kind for s in self.shards}) or ["(nothing new)"]
@@ -180,11 +181,14 @@ def plan(config: JobConfig) -> Plan:
     shards = list_shards(config.input, config.format)
     ledger = Ledger.read(config.output)
     ledger.check_identity(identity)
+    ledger.check_no_active_run()
     todo = [s for s in shards if s.rel not in ledger.done]
     skipped = [s for s in shards if s.rel in ledger.done]
     skipped_rows = sum(ledger.done[s.rel][0] for s in skipped)
     num_params = sum(p.numel() for p in loaded.model.parameters())
-    return Plan(config, todo, len(skipped), skipped_rows, spec, output, identity, resize_size, num_params)
+    return Plan(
+        config, todo, len(skipped), skipped_rows, spec, output, identity, resize_size, num_params, ledger
+    )
 
 
 def _worker_env() -> dict[str, str]:
@@ -382,7 +386,7 @@ def run(
             notes=["Nothing new to process."],
         )
     ensure_ray(num_cpus)
-    Ledger.read(config.output).clean_uncommitted()  # leftovers of an interrupted run, before writing
+    plan_.ledger.clean_uncommitted()  # leftovers of an interrupted run, before writing anything
 
     units = make_units(plan_.shards)
     sink = ParquetSink(config.output, plan_.output, run_id, {**plan_.identity, "run_id": run_id})
@@ -402,6 +406,7 @@ def run(
                 committer.add(part_from_json(str(text)))
         committer.finish()
     finally:
+        run_ledger.stop()
         sink.remove_staging()  # parts of units that did not complete are never used
     stats = committer.stats
     seconds = time.perf_counter() - start

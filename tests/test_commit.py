@@ -126,3 +126,36 @@ def test_bottleneck_weighs_stage_time_by_workers():
     assert bottleneck(seconds, task_slots=1, actors=1) == "decode"
     assert bottleneck(seconds, task_slots=15, actors=1) == "embed"  # 15 decode CPUs, one GPU
     assert bottleneck({}, task_slots=1, actors=1) == ""
+
+
+def test_a_live_run_blocks_a_second_one_and_a_dead_one_does_not(tmp_path, monkeypatch):
+    import json
+    import os
+    import socket
+    import time
+
+    beat = tmp_path / "_runs" / "other" / "heartbeat.json"
+    beat.parent.mkdir(parents=True)
+
+    def write(host: str, pid: int, age_s: float) -> Ledger:
+        beat.write_text(json.dumps({"host": host, "pid": pid, "time": time.time() - age_s}))
+        return Ledger.read(str(tmp_path))
+
+    with pytest.raises(OutputConflictError, match="still writing"):
+        write("elsewhere", 123, age_s=5).check_no_active_run()
+    write("elsewhere", 123, age_s=3600).check_no_active_run()  # no heartbeat for an hour: it died
+    write(socket.gethostname(), 2**22 + 7, age_s=1).check_no_active_run()  # this host, no such process
+    with pytest.raises(OutputConflictError):
+        write(socket.gethostname(), os.getpid(), age_s=1).check_no_active_run()
+    (beat.parent / "summary.json").write_text("{}")  # a finished run never blocks
+    Ledger.read(str(tmp_path)).check_no_active_run()
+
+
+def test_the_run_heartbeat_is_written_and_stops(tmp_path):
+    ledger = RunLedger(str(tmp_path), "r9")
+    ledger.start({"run_id": "r9", "identity": {}})
+    assert (tmp_path / "_runs" / "r9" / "heartbeat.json").exists()
+    with pytest.raises(OutputConflictError):
+        Ledger.read(str(tmp_path)).check_no_active_run()
+    ledger.finish({"run_id": "r9"})
+    Ledger.read(str(tmp_path)).check_no_active_run()
