@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actor-cpus", type=float, default=None, help="CPUs per model actor without GPUs")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    p.add_argument(
+        "--decode",
+        default="cpu",
+        choices=("cpu", "gpu"),
+        help="gpu: decode JPEGs with nvJPEG inside the model actors (needs torchvision); other "
+        "formats and files nvJPEG rejects take the CPU path there",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     p.add_argument(
         "--commit-interval",
@@ -134,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         device=args.device,
         compile=args.compile,
         commit_interval_s=args.commit_interval,
+        decode=args.decode,
     )
 
 

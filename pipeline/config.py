@@ -40,6 +40,7 @@ class JobConfig:
     actor_cpus: float | None = None  # CPUs per CPU-fallback actor (None: half the cluster's CPUs, at least 1)
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = False
+    decode: str = "cpu"  # cpu: decode in CPU tasks; gpu: JPEGs decoded in the model actor (nvJPEG on GPU)
     commit_interval_s: float = 10.0  # how often complete units are committed while the run goes on
     extra: dict[str, str] = field(default_factory=dict)  # free-form metadata recorded in the footer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,10 @@ class EmbedPatches:
 
     Rows whose `error` is set pass through with zero vectors (the sink writes them as nulls). A failure of
     the model on a batch turns that batch's rows into error rows instead of killing the job.
+
+    With `decode` set (a dict of pipeline.gpu_decode.GpuDecoder arguments), the batch carries encoded
+    `bytes` instead of `patches`: JPEGs are decoded on the actor's device (nvJPEG on a GPU), the rest on
+    the CPU path, and that time is reported as the batch's `decode_s`.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class EmbedPatches:
         device: str = "auto",
         cpu_threads: int | None = None,
         compile: bool = False,
+        decode: dict | None = None,
     ) -> None:
         import torch
 
@@ -90,13 +96,19 @@ class EmbedPatches:
         self.embedding_dim = self.loaded.model.config.hidden_dim
         self.num_classes = self.loaded.model.config.num_classes
         self.seconds = 0.0  # time spent in the model, for the bottleneck report
+        self.decoder = None
+        if decode is not None:
+            from pipeline.gpu_decode import GpuDecoder
+
+            self.decoder = GpuDecoder(**decode, device=str(self.device))
         log.info("model %s ready on %s", spec.preset, self.device)
 
-    def _forward(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, patches: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 patches (numpy, or a tensor already on the device) → numpy embedding and logits."""
         import torch
 
-        x = torch.from_numpy(patches)
-        if self.device.type == "cuda":
+        x = patches if isinstance(patches, torch.Tensor) else torch.from_numpy(patches)
+        if self.device.type == "cuda" and x.device.type != "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         from vit.model import autocast
 
@@ -105,16 +117,36 @@ class EmbedPatches:
         emb = cls.float().cpu().numpy()
         return emb, (None if logits is None else logits.float().cpu().numpy())
 
+    def _decode(self, batch: dict[str, np.ndarray], errors: np.ndarray) -> tuple[Any, dict]:
+        """Decodes the batch's bytes on the device; rows that fail get their error. Returns the patches
+        of the rows that are still fine, and the batch without its bytes plus `decode_s`."""
+        assert self.decoder is not None
+        start = time.perf_counter()
+        import torch
+
+        idx = np.flatnonzero(ok_mask(errors))
+        patches, decode_errors = self.decoder([batch["bytes"][i] for i in idx])
+        errors[idx] = np.array(decode_errors, dtype=object)
+        rest = {k: v for k, v in batch.items() if k != "bytes"}
+        rest["decode_s"] = np.full(len(errors), (time.perf_counter() - start) / max(1, len(errors)))
+        return patches[torch.tensor([e is None for e in decode_errors], dtype=torch.bool)], rest
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = error_column(batch)
+        if self.decoder is not None:
+            patches, batch = self._decode(batch, errors)
+        else:
+            patches = None
         start = time.perf_counter()
         n = len(batch["key"])
-        errors = error_column(batch)
         ok = ok_mask(errors)
         embedding = np.zeros((n, self.embedding_dim), self.embedding_dtype)
         logits = np.zeros((n, self.num_classes), self.logits_dtype) if self.num_classes else None
         if ok.any():
             try:
-                emb, lg = self._forward(np.ascontiguousarray(batch["patches"][ok]))
+                if patches is None:
+                    patches = np.ascontiguousarray(batch["patches"][ok])
+                emb, lg = self._forward(patches)
                 embedding[ok] = emb
                 if logits is not None and lg is not None:
                     logits[ok] = lg

@@ -168,6 +168,9 @@ def plan(config: JobConfig) -> Plan:
             "embedding": "CLS token after the final LayerNorm",
             "embedding_dtype": config.embedding_dtype,
             "logits_dtype": config.logits_dtype,
+            "decode": "JPEG on the model's device (nvJPEG on GPUs), others on CPU"
+            if config.decode == "gpu"
+            else "CPU (libjpeg-turbo for JPEG, Pillow for other formats)",
             "version": project_version(),
         }
     )
@@ -248,16 +251,19 @@ def make_units(shards: list[Shard]) -> dict[int, list[Shard]]:
     return dict(enumerate(groups))
 
 
-def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict) -> Iterator[dict]:
+def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict | None) -> Iterator[dict]:
     """Read then decode one unit in one CPU task, as a generator so a large shard streams in batches.
 
     Adds `unit` to every row and `unit_rows` (the unit's row count) to the rows of its last batch, which
     is held back one step for that; -1 elsewhere. The commit loop needs both (pipeline/commit.py).
     `read_s` and `decode_s` carry each row's share of its batch's time to the per-stage report.
     """
-    read, decode = ReadShards(**read_kwargs), DecodePatches(**decode_kwargs)
+    read = ReadShards(**read_kwargs)
+    decode = DecodePatches(**decode_kwargs) if decode_kwargs is not None else None
 
     def decoded(rows: dict) -> dict:
+        if decode is None:  # --decode gpu: the model actor decodes the bytes
+            return rows
         start = time.perf_counter()
         out = decode(rows)
         out["decode_s"] = np.full(len(rows["key"]), (time.perf_counter() - start) / len(rows["key"]))
@@ -311,10 +317,13 @@ def build_dataset(
         "resize_size": plan_.resize_size,
         "max_pixels": config.max_pixels or DEFAULT_MAX_PIXELS,
     }
+    on_device = config.decode == "gpu"
+    if on_device and embedder is not None:
+        raise ValueError("--decode gpu needs the real model stage (EmbedPatches), not a custom embedder")
     ds = ds.map_batches(
         _read_and_decode,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         batch_size=1,
-        fn_kwargs={"read_kwargs": read_kwargs, "decode_kwargs": decode_kwargs},
+        fn_kwargs={"read_kwargs": read_kwargs, "decode_kwargs": None if on_device else decode_kwargs},
         num_cpus=1,
     )
     if embedder is None:
@@ -327,6 +336,7 @@ def build_dataset(
             "device": "auto" if "num_gpus" in actors.remote_args else "cpu",
             "cpu_threads": int(actors.remote_args["num_cpus"]),
             "compile": config.compile,
+            "decode": decode_kwargs if on_device else None,
         }
     ds = ds.map_batches(
         embedder,

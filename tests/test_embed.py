@@ -63,3 +63,27 @@ def test_all_null_error_column_from_ray_means_no_errors():
     assert list(out["error"]) == [None, None] and out["embedding"].any(axis=1).all()
     out = EmbedPatches(SPEC, device="cpu")(batch)
     assert list(out["error"]) == [None, None] and out["embedding"].any(axis=1).all()
+
+
+def test_decode_in_the_actor_matches_decode_then_embed():
+    # --decode gpu: the actor gets bytes and decodes them on its device (here the CPU).
+    from pipeline.decode import DecodePatches
+    from pipeline.sample import encode, photo_like
+
+    rng = np.random.default_rng(1)
+    data = [encode(photo_like(rng, 80, 60)), b"not an image", None, encode(photo_like(rng, 50, 90), "PNG")]
+    batch = {
+        "key": np.array(["a", "b", "c", "d"], dtype=object),
+        "shard": np.array(["s"] * 4, dtype=object),
+        "bytes": np.array(data, dtype=object),
+        "error": np.array([None, None, "read: gone", None], dtype=object),
+    }
+    on_device = EmbedPatches(SPEC, device="cpu", decode={"image_size": 32, "patch_size": 16})(dict(batch))
+    assert "bytes" not in on_device and on_device["decode_s"].shape == (4,)
+    assert on_device["error"][0] is None and on_device["error"][3] is None
+    assert on_device["error"][1].startswith("decode: ") and on_device["error"][2] == "read: gone"
+    reference = EmbedPatches(SPEC, device="cpu")(DecodePatches(image_size=32, patch_size=16)(dict(batch)))
+    # PNG takes the same CPU path: identical; the JPEG differs only by decoder rounding.
+    np.testing.assert_allclose(on_device["embedding"][3], reference["embedding"][3], atol=1e-5)
+    np.testing.assert_allclose(on_device["embedding"][0], reference["embedding"][0], atol=0.1)
+    assert not on_device["embedding"][[1, 2]].any()

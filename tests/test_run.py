@@ -182,3 +182,19 @@ def test_run_record_has_counts(tmp_path: Path, ray_local: None):
         p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()
     )
     assert sorted(f for c in commits for f in c["files"]) == sorted(p.name for p in out.glob("*.parquet"))
+
+
+def test_decode_in_the_model_actor(tmp_path: Path, ray_local: None):
+    """--decode gpu on a cluster without GPUs: the actor decodes on its CPU; same rows, same errors."""
+    src = tmp_path / "in"
+    make_sample(src, n=6)
+    (src / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "out"
+    summary = run(JobConfig(input=str(src), output=str(out), decode="gpu", max_error_rate=0.5, **SMALL))
+    table = _read_output(str(out))
+    _check_output(table, {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()})
+    errors = dict(zip(table["key"].to_pylist(), table["error"].to_pylist()))
+    assert errors["junk.jpg"].startswith("decode: ") and summary.errors == 1
+    assert summary.stage_seconds["decode"] > 0
+    meta = footer_metadata(pq.ParquetFile(next(out.glob("*.parquet"))))
+    assert meta["decode"].startswith("JPEG on the model's device")
