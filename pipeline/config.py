@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 FORMATS = ("auto", "files", "webdataset", "parquet")
@@ -75,8 +76,9 @@ class JobConfig:
                 f"--device must be auto, cuda or cpu, not {self.device!r}.",
             ),
             (
-                _same_uri(self.input, self.output) is False,
-                "--output must differ from --input: the job never writes into its input.",
+                not _overlap(self.input, self.output),
+                "--output must be outside --input (and --input outside --output): the job never writes "
+                "into its input, and a later run would read its own output as images.",
             ),
         ]
         for ok, message in checks:
@@ -87,8 +89,16 @@ class JobConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _same_uri(a: str, b: str) -> bool:
-    def norm(u: str) -> str:
-        return u.removeprefix("file://").rstrip("/")
+def _overlap(a: str, b: str) -> bool:
+    """True when one location is the other or lies inside it."""
 
-    return bool(a) and bool(b) and norm(a) == norm(b)
+    def norm(u: str) -> str:
+        u = u.removeprefix("file://")
+        if not u.startswith("s3://"):
+            u = os.path.abspath(u)
+        return u.rstrip("/") + "/"
+
+    if not a or not b:
+        return False
+    na, nb = norm(a), norm(b)
+    return na.startswith(nb) or nb.startswith(na)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from pipeline.sink import STAGING_DIR, write_json
+from pipeline.sink import STAGING_DIR, make_dirs, write_json
 from pipeline.sources import resolve_uri
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class RunLedger:
     def start(self, record: dict) -> None:
         """Writes run.json and starts the heartbeat that tells other runs this output is in use."""
         fs, path = self._path("run.json")
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        make_dirs(fs, path.rsplit("/", 1)[0])
         self.heartbeat()
         write_json(fs, path, record)
         self._beat = threading.Thread(target=self._beat_loop, name="ledger-heartbeat", daemon=True)

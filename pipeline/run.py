@@ -30,17 +30,11 @@ from pipeline.sources import ReadShards, Shard, list_shards, shards_to_items
 
 log = logging.getLogger(__name__)
 
-# Environment variables forwarded to every worker, so S3/MinIO settings given to the driver reach them.
-FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_PROFILE",
-)
+# Non-secret S3 settings forwarded to the workers of a cluster we connect to, so --input/--output resolve
+# the same way there. Credentials are never forwarded: Ray logs a job's runtime_env (and shows it on the
+# dashboard), so they must come from the nodes' own environment (a Kubernetes Secret, an instance role).
+# A local Ray started here inherits this process's environment, credentials included, without logging it.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 FILES_PER_UNIT = 256  # loose files are read, committed and skipped in groups; a tar or Parquet shard alone
 MAX_INPUT_BLOCKS = 10_000
 WRITE_BATCH_ROWS = 4096  # rows per write call: parts of about this size, merged per unit at commit
@@ -204,11 +198,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": _worker_env()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+        ray.init(runtime_env={"env_vars": _worker_env()}, log_to_driver=True)
+    else:  # workers inherit this environment
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class ParquetSink:
     def write_parts(self, batch: Mapping[str, np.ndarray]) -> list[Part]:
         fs, root = resolve_uri(self.output)
         schema = self.spec.schema(self.metadata)
-        fs.create_dir(f"{root}/{self.staging_dir}", recursive=True)
+        make_dirs(fs, f"{root}/{self.staging_dir}")
         units = np.asarray(batch["unit"], dtype=np.int64)
         unit_rows = np.asarray(batch["unit_rows"], dtype=np.int64)
         parts = []
@@ -242,6 +242,13 @@ def part_from_json(text: str) -> Part:
     d = json.loads(text)
     d["shards"] = {k: tuple(v) for k, v in d["shards"].items()}
     return Part(**d)
+
+
+def make_dirs(fs: pafs.FileSystem, path: str) -> None:
+    """Creates a local directory; on object stores it does nothing, since keys need no folders and pyarrow
+    would write a marker object for every level, including levels above --output."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
 
 
 def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:

@@ -47,6 +47,7 @@ def _one_sentence(stderr: str) -> str:
         (["--input", "in", "--output", "o", "--model", "vit_x_99", "--weights", "random"], "vit_x_99"),
         (["--input", "in", "--output", "o", *SMALL, "--batch-size", "0"], "--batch-size"),
         (["--input", "in", "--output", "in", *SMALL], "--output"),
+        (["--input", "in", "--output", "in/embeddings", *SMALL], "--output"),
         (["--input", "empty", "--output", "o", *SMALL], "empty"),
     ],
 )
