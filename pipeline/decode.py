@@ -36,14 +36,16 @@ between segments) decodes as Pillow decodes it. No global Pillow setting is chan
 
 Speed: baseline, progressive, grey and YCbCr JPEGs take a fast path: libjpeg-turbo (simplejpeg) decodes at
 the smallest 1/2ᵏ DCT scale that keeps the shorter side ≥ `resize_size` (a 1024×768 photo is decoded at
-512×384), then torch's SIMD uint8 antialiased bilinear kernel (the one torchvision uses on tensors; within
-±1 of Pillow's) computes only the rows and columns up to the crop's far edge. torch is imported on the first
-such image (it is a dependency of the project anyway; the import costs a worker a few hundred MB) and used
-only while it runs single-threaded (`torch.get_num_threads() == 1`, as in Ray tasks, which get
-OMP_NUM_THREADS=1): with several intra-op threads it costs more CPU per image than it saves, and Pillow
-resizes instead. Every other input (PNG, WebP, GIF, TIFF, BMP, CMYK or 12-bit JPEG, anything libjpeg-turbo
-complains about) goes through Pillow, resizing only the box that survives the crop (`Image.resize(box=…)`,
-equal to resize-then-crop). `benchmarks/decode.py` measures the fast path against the torchvision baseline.
+512×384; with libjpeg-turbo's faster IDCT and chroma upsampling when the image shrinks ≥ 1.25×), then
+OpenCV resamples only the window that the crop reads: bilinear, after a [1, 2, 1] blur on an axis that
+still shrinks ≥ 1.55× (plain bilinear aliases beyond that), box averaging from 2.5× (short sides over
+4096). This is not bit-exact with torchvision's antialiased bilinear: PSNR against it is ≥ 38 dB on
+photo-like images and ≥ 30 dB on images with detail at every scale (1/f spectrum), ~29.5 dB where a DCT
+scale lands exactly on `resize_size`; `benchmarks/decode.py` measures speed and PSNR. OpenCV runs on the
+calling thread (its thread-count setting is put back after each image); torch is not imported. Every
+other input (PNG, WebP, GIF, TIFF, BMP, CMYK or 12-bit JPEG, anything libjpeg-turbo complains about)
+goes through Pillow, resizing only the box that survives the crop (`Image.resize(box=…)`, equal to
+torchvision's resize-then-crop up to rounding).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import warnings
 from functools import cache
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
@@ -73,6 +76,15 @@ MAX_JPEG_SCANS = 500  # progressive JPEGs with more scans are refused (libjpeg-t
 _EXIF_ORIENTATION = 0x0112
 _SCRATCH_MAX_BYTES = 32 * 2**20  # decode buffers up to this size are reused per thread
 _scratch = threading.local()
+# Fast-path resampling: bilinear, after a [1, 2, 1] blur along an axis that shrinks by ≥ _BLUR_FROM (below
+# it plain bilinear keeps ≥ 30 dB from the antialiased reference even on images with detail at every
+# scale; above it aliases more), box averaging from _AREA_FROM. benchmarks/README.md has the measurements.
+_BLUR_FROM = 1.55
+_AREA_FROM = 2.5
+_WINDOW_SEARCH = 64  # extra outputs tried to align a resampling window on a whole pixel
+# libjpeg-turbo's faster IDCT and chroma upsampling (~10 % less decode time) when the image shrinks at
+# least this much: the resampling then hides their small errors (see benchmarks/README.md).
+_FAST_DECODE_FROM = 1.25
 
 
 class DecodeError(ValueError):
@@ -97,10 +109,10 @@ def to_patches(
     pixels) and `ValueError` for impossible sizes.
     """
     resize_size = _check_sizes(image_size, patch_size, resize_size)
-    img = _decode_resize_crop(data, image_size, resize_size, max_pixels)  # (S, S, 3) uint8
     g = image_size // patch_size
-    patches = img.reshape(g, patch_size, g, patch_size, 3).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(patches).reshape(g * g, patch_size * patch_size * 3)
+    out = np.empty((g * g, patch_size * patch_size * 3), dtype=np.uint8)
+    _patches_into(out, data, image_size, patch_size, resize_size, max_pixels)
+    return out
 
 
 class DecodePatches:
@@ -149,15 +161,17 @@ class DecodePatches:
             try:
                 if item is None:
                     raise DecodeError("cannot decode image: the row has no image bytes")
-                patches[i] = to_patches(
+                _patches_into(
+                    patches[i],
                     _as_bytes(item),
                     self.image_size,
                     self.patch_size,
-                    resize_size=self.resize_size,
-                    max_pixels=self.max_pixels,
+                    self.resize_size,
+                    self.max_pixels,
                 )
                 errors[i] = None
             except Exception as e:  # a bad image is a row, never a crash
+                patches[i] = 0
                 errors[i] = f"decode: {type(e).__name__}: {e}"
                 new_errors += 1
         self.stats["batches"] += 1
@@ -168,6 +182,15 @@ class DecodePatches:
         # Columns this stage does not know (e.g. the run's bookkeeping) pass through unchanged.
         passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "error")}
         return {**passthrough, "patches": patches, "error": errors}
+
+
+def _patches_into(
+    out: np.ndarray, data: bytes, image_size: int, patch_size: int, resize_size: int, max_pixels: int
+) -> None:
+    """Decodes `data` and writes its patches into `out` ((image_size // patch_size)², patch_size² · 3)."""
+    img = _decode_resize_crop(data, image_size, resize_size, max_pixels)  # (S, S, 3) uint8, maybe a view
+    g, p = image_size // patch_size, patch_size
+    np.copyto(out.reshape(g, g, p, p, 3), img.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,10 +259,12 @@ def _decode_resize_crop(
             if fast:
                 arr, k = _decode_jpeg_turbo(data, w, h, resize_size)
                 if arr is not None:
-                    arr = _orient(arr, orientation)
                     if orientation >= 5:
                         w, h = h, w
-                    return _resize_crop_array(arr, w, h, 2**k, image_size, resize_size)
+                    mirror_x, mirror_y = orientation in (2, 3, 6, 7), orientation in (3, 4, 7, 8)
+                    return _resize_crop_array(
+                        _orient(arr, orientation), w, h, 2**k, image_size, resize_size, mirror_x, mirror_y
+                    )
     return _resize_crop_pil(_open_rgb(data, head, max_pixels), image_size, resize_size)
 
 
@@ -316,7 +341,7 @@ def _exif_orientation(tiff: bytes) -> int | None:
 
 
 def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
-    """Applies an EXIF orientation to an (H, W, C) array, as PIL.ImageOps.exif_transpose does."""
+    """Applies an EXIF orientation to an (H, W, C) array, as PIL.ImageOps.exif_transpose does (a view)."""
     if orientation == 1:
         return arr
     views = {
@@ -328,7 +353,7 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
         7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
         8: lambda a: np.rot90(a, 1),  # ROTATE_90 (90° counter-clockwise)
     }
-    return np.ascontiguousarray(views[orientation](arr))
+    return views[orientation](arr)
 
 
 def _decode_jpeg_turbo(
@@ -346,6 +371,8 @@ def _decode_jpeg_turbo(
         if buf is None or buf.size < size:
             buf = _scratch.buf = np.empty(max(size, 2**20), dtype=np.uint8)
     kw: dict[str, Any] = {"min_height": dh, "min_width": dw} if k else {}
+    if min(w, h) >= _FAST_DECODE_FROM * resize_size:
+        kw["fastdct"] = kw["fastupsample"] = True
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=buf, strict=True, **kw)
     except ValueError as e:
@@ -383,7 +410,7 @@ def _open_rgb(data: bytes | memoryview, head: bytes, max_pixels: int) -> Image.I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=_pil_formats())
         _check_pixels(im.width, im.height, max_pixels)
         im.load()
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
@@ -418,6 +445,17 @@ def _open_rgb(data: bytes | memoryview, head: bytes, max_pixels: int) -> Image.I
     if isinstance(orientation, int) and 2 <= orientation <= 8:
         rgb = rgb.transpose(_PIL_ORIENT[orientation])
     return rgb
+
+
+# Pillow formats never tried: EPS is rendered by running Ghostscript on the file, and an input (bytes anyone
+# can put in a bucket) must never start a program.
+_PIL_REFUSED = frozenset({"EPS"})
+
+
+@cache
+def _pil_formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin (and any added before the first decode, e.g. pillow-heif)
+    return tuple(f for f in Image.OPEN if f not in _PIL_REFUSED)
 
 
 _PIL_ORIENT = {
@@ -463,50 +501,89 @@ def _resize_crop_pil(im: Image.Image, image_size: int, resize_size: int) -> np.n
 
 
 def _resize_crop_array(
-    arr: np.ndarray, w: int, h: int, factor: int, image_size: int, resize_size: int
+    arr: np.ndarray,
+    w: int,
+    h: int,
+    factor: int,
+    image_size: int,
+    resize_size: int,
+    mirror_x: bool = False,
+    mirror_y: bool = False,
 ) -> np.ndarray:
-    """Resize + centre-crop an (H, W, 3) array decoded at 1/factor of the original (w, h) image."""
+    """Resize + centre-crop an (H, W, 3) array decoded at 1/factor of the original (w, h) image.
+
+    Output pixel j of the crop samples the decoded image at (left + j + ½)·s − ½ (+ an offset on a mirrored
+    axis, whose partial last DCT pixel came first): the same centres as torchvision's resize. Only the window
+    that the crop reads is filtered and resampled; OpenCV's bilinear maps from the window's first pixel, so
+    the window starts `m` outputs before the crop, on a whole pixel within 0.05 output px of the exact one.
+    """
+    size = image_size
     nw, nh = _resized_size(w, h, resize_size)
-    left, top = _crop_offsets(nw, nh, image_size)
-    ow, oh = left + image_size, top + image_size  # outputs up to the crop's far edge
-    sx, sy = w / nw / factor, h / nh / factor  # input pixels per output pixel
-    op = _torch_aa_op()
-    # Pillow when: no torch; torch runs several intra-op threads (per-image parallelism then costs
-    # several times more CPU than it saves); an extreme aspect ratio (the trimmed output would be huge).
-    if op is None or op[0].get_num_threads() != 1 or ow * oh > 4 * image_size * image_size:
-        return _resize_crop_box_pil(arr, sx, sy, left, top, image_size)
-    torch, aa = op
+    left, top = _crop_offsets(nw, nh, size)
     dh, dw = arr.shape[:2]
-    # The filter of output i reaches input sx·(i+½) ± max(sx, 1): trim what no kept output reads.
-    xe = min(dw, math.ceil(sx * ow + max(sx, 1.0)) + 1)
-    ye = min(dh, math.ceil(sy * oh + max(sy, 1.0)) + 1)
-    src = torch.from_numpy(arr[:ye, :xe]).permute(2, 0, 1).unsqueeze(0)
-    out = np.empty((oh, ow, 3), dtype=np.uint8)
+    sx, sy = w / nw / factor, h / nh / factor  # decoded pixels per output pixel
+    offx = (dw * factor - w) / factor if mirror_x else 0.0
+    offy = (dh * factor - h) / factor if mirror_y else 0.0
+    x0, x1, mx = _window(left, sx, offx, size, dw)
+    y0, y1, my = _window(top, sy, offy, size, dh)
+    # OpenCV would spread the blur over its thread pool: more CPU in all for a few hundred microseconds'
+    # work, so this runs on the calling thread whatever cv2.setNumThreads says (and restores it; a thread
+    # changing the setting at this very moment could see it undone).
+    threads = cv2.getNumThreads()
+    if threads != 1:
+        cv2.setNumThreads(1)
     try:
-        aa(src, [oh, ow], False, 1.0 / sy, 1.0 / sx, out=torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0))
-    except RuntimeError:  # a layout torch's kernel does not take: Pillow does the same
-        return _resize_crop_box_pil(arr, sx, sy, left, top, image_size)
-    return out[top:, left:]
+        out = _resample(arr, (x0, x1, y0, y1), sx, sy)
+    finally:
+        if threads != 1:
+            cv2.setNumThreads(threads)
+    if out.shape[0] < my + size or out.shape[1] < mx + size:  # rounding at the image's far edge
+        pad_y, pad_x = max(0, my + size - out.shape[0]), max(0, mx + size - out.shape[1])
+        out = cv2.copyMakeBorder(out, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
+    return out[my : my + size, mx : mx + size]
 
 
-def _resize_crop_box_pil(arr: np.ndarray, sx: float, sy: float, left: int, top: int, size: int) -> np.ndarray:
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    return np.asarray(Image.fromarray(arr, "RGB").resize((size, size), Image.Resampling.BILINEAR, box=box))
+def _resample(arr: np.ndarray, window: tuple[int, int, int, int], sx: float, sy: float) -> np.ndarray:
+    """Resamples arr[y0:y1, x0:x1] by 1/sx, 1/sy (OpenCV: output j at x0 + (j + ½)·sx − ½)."""
+    x0, x1, y0, y1 = window
+    dh, dw = arr.shape[:2]
+    if max(sx, sy) >= _AREA_FROM:  # beyond what the DCT scales reach (> 4096-pixel short sides)
+        src, interp = arr[y0:y1, x0:x1], cv2.INTER_AREA
+    else:
+        kx, ky = (3 if sx >= _BLUR_FROM else 1), (3 if sy >= _BLUR_FROM else 1)
+        if kx == ky == 1:
+            src = arr[y0:y1, x0:x1]
+        else:  # blur a window one pixel wider, so that its edges see their real neighbours
+            bx0, by0 = max(0, x0 - 1), max(0, y0 - 1)
+            win = _contiguous(arr[by0 : min(dh, y1 + 1), bx0 : min(dw, x1 + 1)])
+            blurred = cv2.GaussianBlur(win, (kx, ky), 0, borderType=cv2.BORDER_REPLICATE)
+            src = blurred[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        interp = cv2.INTER_LINEAR
+    return cv2.resize(_contiguous(src), None, fx=1.0 / sx, fy=1.0 / sy, interpolation=interp)
 
 
-@cache
-def _torch_aa_op() -> tuple[Any, Any] | None:
-    """torch and its uint8 antialiased bilinear op writing into a caller's (NHWC) buffer; None if missing."""
-    try:
-        import torch
+def _window(start: int, s: float, off: float, size: int, n: int) -> tuple[int, int, int]:
+    """(first, end, m) of the decoded pixels that outputs start − m … start + size − 1 read, along one axis.
 
-        op = torch.ops.aten._upsample_bilinear2d_aa.out
-        probe = np.full((6, 8, 3), 7, dtype=np.uint8)  # the layouts _resize_crop_array passes: HWC views
-        out = np.zeros((3, 4, 3), dtype=np.uint8)
-        src = torch.from_numpy(probe[:5]).permute(2, 0, 1).unsqueeze(0)
-        op(src, [3, 4], False, 0.5, 0.5, out=torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0))
-        if not np.all(out == 7):
-            return None
-    except Exception:
-        return None
-    return torch, op
+    `m` extra outputs make the window's first pixel fall (nearly) on a whole decoded pixel: output j sits
+    at (start + j + ½)·s − ½ + off, and OpenCV puts it at first + (m + j + ½)·s − ½.
+    """
+    best_m, best_err = 0, math.inf
+    for m in range(min(start, _WINDOW_SEARCH) + 1):
+        x = (start - m) * s + off
+        err = abs(x - round(x)) / s  # in output pixels
+        if err < best_err:
+            best_m, best_err = m, err
+            if err <= 0.05:
+                break
+    first = max(0, round((start - best_m) * s + off))
+    end = min(n, first + math.ceil((best_m + size) * s) + 2)  # + 2: the last output's bilinear taps
+    return first, end, best_m
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """`a` itself when OpenCV can take it as it is (rows may be strided), else a C-contiguous copy."""
+    st = a.strides
+    if st[2] == 1 and st[1] == a.shape[2] and st[0] > 0:
+        return a
+    return np.ascontiguousarray(a)

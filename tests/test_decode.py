@@ -8,7 +8,10 @@ from __future__ import annotations
 import io
 import math
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,20 +22,6 @@ from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, DecodePatches, to_p
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_torch():
-    """The JPEG fast path resizes with torch only when torch runs one thread (as in Ray's decode tasks)."""
-    try:
-        import torch
-    except ImportError:  # the fast path then resizes with Pillow; everything else is the same
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def photo_like(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -59,6 +48,23 @@ def photo_like(w: int, h: int, seed: int = 0) -> np.ndarray:
     img += 6 * np.sin(40 * np.pi * x * (1 + y))[..., None]
     img += rng.normal(0, 4, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def natural_like(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Deterministic RGB with a natural image's 1/f amplitude spectrum: detail at every scale, unlike
+    photo_like's smooth shapes, so a resize that aliases shows it here."""
+    rng = np.random.default_rng(seed)
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    f = np.hypot(fx, fy)
+    f[0, 0] = 1.0
+    shape = (h, w // 2 + 1)
+    shared = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    out = []
+    for _ in range(3):  # correlated channels, as in photos
+        z = 0.8 * shared + 0.2 * (rng.normal(size=shape) + 1j * rng.normal(size=shape))
+        x = np.fft.irfft2(z / f, s=(h, w))
+        out.append((x - x.mean()) / x.std() * 50 + 128)
+    return np.clip(np.stack(out, -1), 0, 255).astype(np.uint8)
 
 
 def encode(im: Image.Image | np.ndarray, fmt: str, **kw) -> bytes:
@@ -129,10 +135,86 @@ def test_default_resize_size_follows_image_size() -> None:
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (1024, 768), (1023, 767), (2048, 1536), (640, 640)])
 def test_jpeg_fast_path_matches_torchvision(size: tuple[int, int]) -> None:
     data = encode(photo_like(*size), "JPEG", quality=90)
-    got, want = image(data), reference(data)
-    assert psnr(got, want) >= 30
-    if min(size) < 512:  # full-size decode: only the resampling kernels differ (torch vs Pillow, ±1)
-        assert np.abs(got.astype(int) - want).max() <= 2
+    assert psnr(image(data), reference(data)) >= 38
+
+
+# (size, PSNR floor); comments: the shrink left after the DCT scaling. Plain bilinear below 1.55 (where it
+# stays ≥ 30 dB on such detail; 526×395 is the worst case), [1, 2, 1] blur + bilinear from 1.55, upsampling
+# below 1. At 1366×1024 the 1/4 DCT scale leaves nothing to resample: its sharper-than-bilinear filter
+# alone sets the PSNR (~29.5 dB; the former torch resize after it gave ~31 dB).
+@pytest.mark.parametrize(
+    ("size", "floor"),
+    [
+        ((453, 340), 32),  # 1.33
+        ((500, 375), 30.5),  # 1.46
+        ((375, 500), 30.5),  # 1.46, portrait
+        ((526, 395), 30),  # 1.54
+        ((640, 480), 40),  # 1.88
+        ((1024, 768), 32),  # 1/2 DCT, then 1.5
+        ((1300, 975), 40),  # 1/2 DCT, then 1.9
+        ((1366, 1024), 28.5),  # 1/4 DCT, then 1.0
+        ((300, 200), 42),  # 0.78: upsampling
+    ],
+)
+def test_jpeg_fast_path_faithful_on_natural_detail(size: tuple[int, int], floor: float) -> None:
+    data = encode(natural_like(*size), "JPEG", quality=90)
+    assert psnr(image(data), reference(data)) >= floor
+
+
+@pytest.mark.parametrize(
+    ("start", "s", "off"), [(58, 1.4663, 0.0), (16, 1.5, 0.0), (43, 0.37, 0.0), (58, 1.5015, 0.5)]
+)
+def test_resampling_window_lands_on_a_whole_pixel(start: int, s: float, off: float) -> None:
+    first, end, m = decode._window(start, s, off, 224, 10_000)
+    assert 0 <= m <= start and end - first >= (m + 224) * s
+    assert abs(first - ((start - m) * s + off)) / s <= 0.05  # in output pixels
+
+
+@pytest.mark.parametrize("size", [(500, 375), (333, 1000), (1024, 768), (640, 480), (300, 200)])
+def test_windowed_resample_equals_whole_image_resample_then_crop(size: tuple[int, int]) -> None:
+    """Only the crop's window is resampled; that changes nothing but a sub-0.05-pixel alignment."""
+    cv2 = pytest.importorskip("cv2")
+    w, h = size
+    factor = 2 if min(size) >= 512 else 1
+    arr = np.ascontiguousarray(photo_like(w, h)[::factor, ::factor])
+    got = decode._resize_crop_array(arr, w, h, factor, 224, 256)
+    nw, nh = decode._resized_size(w, h, 256)
+    left, top = decode._crop_offsets(nw, nh, 224)
+    sx, sy = w / nw / factor, h / nh / factor
+    src = arr
+    if max(sx, sy) >= decode._BLUR_FROM:
+        src = cv2.GaussianBlur(arr, (3, 3), 0, borderType=cv2.BORDER_REPLICATE)
+    whole = cv2.resize(src, (nw, nh), interpolation=cv2.INTER_LINEAR)[top : top + 224, left : left + 224]
+    assert got.shape == (224, 224, 3)
+    assert psnr(got, whole) >= 50 and np.abs(got.astype(int) - whole).max() <= 12
+
+
+def test_opencv_thread_setting_is_kept_and_does_not_change_pixels() -> None:
+    cv2 = pytest.importorskip("cv2")
+    data = encode(photo_like(640, 480), "JPEG", quality=90)
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(1)
+        one = image(data)
+        cv2.setNumThreads(4)
+        np.testing.assert_array_equal(image(data), one)
+        assert cv2.getNumThreads() == 4  # restored after the single-threaded resampling
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def test_fast_path_does_not_import_torch() -> None:
+    """A decode worker should not pay torch's import (hundreds of MB per process)."""
+    code = (
+        "import sys, io, numpy as np\n"
+        "from PIL import Image\n"
+        "from pipeline.decode import to_patches\n"
+        "buf = io.BytesIO(); Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(buf, 'JPEG')\n"
+        "assert to_patches(buf.getvalue()).shape == (196, 768)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
 
 
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (257, 256), (224, 224), (100, 80), (1000, 333)])
@@ -141,27 +223,6 @@ def test_pillow_path_equals_torchvision(size: tuple[int, int]) -> None:
     got, want = image(data), reference(data)
     # Equal up to the rounding of the crop box's float coordinates: a few pixels off by one.
     assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got != want) < 0.01
-
-
-def test_fast_path_equals_pillow_path_resize_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert decode._torch_aa_op() is not None  # torch is installed: the fast resize must be in use
-    data = encode(photo_like(1200, 900), "JPEG", quality=90)
-    fast = image(data)
-    monkeypatch.setattr(decode, "_torch_aa_op", lambda: None)
-    assert np.abs(image(data).astype(int) - fast).max() <= 1
-
-
-def test_multithreaded_torch_falls_back_to_pillow_resize(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    data = encode(photo_like(640, 480), "JPEG", quality=90)
-    fast = image(data)
-    calls = []
-    monkeypatch.setattr(decode, "_resize_crop_box_pil", lambda *a: calls.append(1) or np.zeros((224, 224, 3)))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert not image(data).any() and calls  # Pillow was asked
-    monkeypatch.undo()
-    assert np.abs(image(data).astype(int) - fast).max() == 0
 
 
 def test_jpeg_rgb_webp_same_picture() -> None:
@@ -194,12 +255,13 @@ def test_exif_orientation_applied(fmt: str, orientation: int) -> None:
     assert psnr(got, want) >= 30
 
 
-@pytest.mark.parametrize("orientation", [3, 6, 8])
-def test_exif_orientation_with_dct_scaling(orientation: int) -> None:
+@pytest.mark.parametrize("orientation", range(2, 9))
+@pytest.mark.parametrize("size", [(1200, 800), (1203, 805)])  # odd: a partial DCT pixel on the far edge
+def test_exif_orientation_with_dct_scaling(orientation: int, size: tuple[int, int]) -> None:
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = encode(photo_like(1200, 800), "JPEG", quality=90, exif=exif.tobytes())
-    assert psnr(image(data), reference(data)) >= 30
+    data = encode(photo_like(*size), "JPEG", quality=90, exif=exif.tobytes())
+    assert psnr(image(data), reference(data)) >= 40
 
 
 def test_exif_rotate_90_clockwise_moves_top_left_to_top_right() -> None:
@@ -379,6 +441,13 @@ def test_bad_bytes_raise_readable_decode_error(data: bytes, words: str) -> None:
         to_patches(data)
     assert words in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+def test_eps_is_not_handed_to_ghostscript() -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+    assert "EPS" not in decode._pil_formats() and "PNG" in decode._pil_formats()
+    with pytest.raises(DecodeError, match="not a recognised image format"):
+        to_patches(eps)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
