@@ -85,5 +85,6 @@ def test_decode_in_the_actor_matches_decode_then_embed():
     reference = EmbedPatches(SPEC, device="cpu")(DecodePatches(image_size=32, patch_size=16)(dict(batch)))
     # PNG takes the same CPU path: identical; the JPEG differs only by decoder rounding.
     np.testing.assert_allclose(on_device["embedding"][3], reference["embedding"][3], atol=1e-5)
-    np.testing.assert_allclose(on_device["embedding"][0], reference["embedding"][0], atol=0.1)
+    a, b = on_device["embedding"][0], reference["embedding"][0]
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
     assert not on_device["embedding"][[1, 2]].any()
