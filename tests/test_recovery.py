@@ -115,8 +115,14 @@ def test_a_removed_worker_node_does_not_lose_rows(tmp_path: Path):
     worker = cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
-    src, out = tmp_path / "in", tmp_path / "out"
+    src, out, started = tmp_path / "in", tmp_path / "out", tmp_path / "embedding-started"
     expected = _tar_shards(src, shards=8, per_shard=4)
+
+    class Marks(FakeEmbedPatches):  # defined in the test: Ray pickles it by value
+        def __call__(self, batch):
+            started.touch()
+            return super().__call__(batch)
+
     cfg = JobConfig(
         input=str(src),
         output=str(out),
@@ -124,13 +130,14 @@ def test_a_removed_worker_node_does_not_lose_rows(tmp_path: Path):
         weights="random",
         image_size=32,
         batch_size=2,
+        actor_cpus=1,  # the actor must fit on the surviving node next to a decode task
         commit_interval_s=0,
     )
     result: dict = {}
 
     def job() -> None:
         try:
-            result["summary"] = run(cfg, embedder=FakeEmbedPatches, embedder_kwargs={**FAKE, "delay_s": 0.3})
+            result["summary"] = run(cfg, embedder=Marks, embedder_kwargs={**FAKE, "delay_s": 0.5})
         except BaseException as e:  # reported below
             result["error"] = e
 
@@ -138,7 +145,7 @@ def test_a_removed_worker_node_does_not_lose_rows(tmp_path: Path):
     try:
         thread.start()
         deadline = time.time() + 120
-        while not list(out.glob("_staging/*/*")) and time.time() < deadline and thread.is_alive():
+        while not started.exists() and time.time() < deadline and thread.is_alive():
             time.sleep(0.1)
         assert thread.is_alive(), f"the run ended before the node could be removed: {result}"
         cluster.remove_node(worker)

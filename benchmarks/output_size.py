@@ -1,0 +1,310 @@
+"""Output bytes per image (issue #5, target 5): ≤ 3.0 KB with float16 embedding + float16 logits, ViT-B/16.
+
+Runs the real stages without Ray, in this process: ``--images`` photo-like images from
+``pipeline.sample.make_sample`` (JPEG q90, 1 in 8 PNG, 160–640 px) → ``DecodePatches`` (224 px) →
+``EmbedPatches`` (``vit_b_16`` with random weights, CPU, fp32: 768-d CLS embedding, 1000 logits), then writes
+the same rows five ways and reads the sizes back from the files:
+
+- **ours**: float16 + float16 with the pipeline's own writer (``pipeline.sink.to_table`` +
+  ``write_parquet``: zstd, byte-stream-split on the float leaves, dictionary for key/error);
+- float16 + float16 with the same settings but no byte-stream-split;
+- float16 + float16, byte-stream-split, zstd level 19 instead of Arrow's default 1 (a lossless lever);
+- float32 + float32 with the pipeline's writer;
+- **baseline**: float32 + float32, zstd, no byte-stream-split (what ``pyarrow.parquet.write_table`` with
+  zstd gives).
+
+Per image: the column chunks' compressed bytes ÷ rows (what a file converges to), and the footer (schema,
+row-group metadata, the ``vit_embed.*`` identity) in bytes per file, amortized over 256 rows (one unit of
+loose files is one output file: ``FILES_PER_UNIT``) and over 4096 rows. The encodings column is read back
+from the file's metadata, so it shows whether byte-stream-split really was applied (DESIGN.md: a list
+column's *name* is silently ignored; the leaf path works).
+
+Random weights: the embedding is the CLS token after the final LayerNorm, so its scale and sign pattern
+look like a trained model's; the logits come from a random head (std 0.02 weights), so they are a narrow,
+nearly Gaussian cloud, where a trained head gives a wide distribution with a few large positive values.
+float16 compressibility depends mostly on how many distinct exponents occur (the 10 mantissa bits are close
+to random either way), which is why the script also prints the order-0 entropy of the high and low bytes:
+a check on how much of the compression comes from the exponent byte. Figures for a trained checkpoint may
+differ; rerun with ``--weights`` pointing to one.
+
+    python benchmarks/output_size.py                   # 256 images, ~1–2 min on 2 CPUs
+    python benchmarks/output_size.py --images 64       # quick
+    python benchmarks/output_size.py --weights vit_b_16-c867db91.pth --images 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from pipeline.decode import DecodePatches
+from pipeline.embed import EmbedPatches, ModelSpec
+from pipeline.sample import make_sample
+from pipeline.sink import ROW_GROUP_ROWS, OutputSpec, to_table, write_parquet
+
+TARGET_BYTES = 3000  # 3.0 KB (3.0 KiB = 3072 would be looser)
+ROWS_PER_UNIT_FILE = 256  # pipeline/run.py FILES_PER_UNIT: loose files → one output file per 256 images
+
+# (name, embedding dtype, logits dtype, byte-stream-split, zstd level; None: the pipeline's own writer)
+VARIANTS = [
+    ("ours: f16+f16, BSS", "float16", "float16", True, None),
+    ("f16+f16, no BSS", "float16", "float16", False, 1),
+    ("f16+f16, BSS, zstd 19", "float16", "float16", True, 19),
+    ("f32+f32, BSS", "float32", "float32", True, None),
+    ("baseline: f32+f32, no BSS", "float32", "float32", False, 1),
+]
+
+
+def embed_images(args: argparse.Namespace, work: Path) -> dict[str, np.ndarray]:
+    """Sample images → patches → (embedding, logits) in float32, with keys as the job would write them."""
+    import torch
+
+    paths = make_sample(work / "in", args.images, args.seed)
+    keys = np.array([str(p.relative_to(work / "in")) for p in paths], dtype=object)
+    data = np.empty(len(paths), dtype=object)
+    data[:] = [p.read_bytes() for p in paths]
+    torch.set_num_threads(args.threads)
+    spec = ModelSpec(args.model, args.weights, image_size=args.image_size, seed=args.seed)
+    embedder = EmbedPatches(spec, "float32", "float32", device="cpu", cpu_threads=args.threads)
+    patch_size = embedder.loaded.model.config.patch_size
+    image_size = embedder.loaded.model.config.image_size
+    decoder = DecodePatches(image_size=image_size, patch_size=patch_size)
+    outs = []
+    t = time.perf_counter()
+    for i in range(0, len(keys), args.batch_size):
+        batch = {"key": keys[i : i + args.batch_size], "bytes": data[i : i + args.batch_size]}
+        outs.append(embedder(decoder(batch)))
+    seconds = time.perf_counter() - t
+    out = {k: np.concatenate([o[k] for o in outs]) for k in ("key", "embedding", "logits", "error")}
+    errors = [e for e in out["error"] if e is not None]
+    assert not errors, errors[:3]
+    print(
+        f"{len(keys)} images → {args.model} ({args.weights} weights, {image_size} px) on CPU × "
+        f"{args.threads} threads in {seconds:.0f} s; embedding {out['embedding'].shape}, "
+        f"logits {out['logits'].shape}",
+        flush=True,
+    )
+    return out
+
+
+def write_variant(
+    rows: dict[str, np.ndarray],
+    path: Path,
+    emb: str,
+    logits: str,
+    bss: bool,
+    level: int | None,
+    meta: dict[str, str],
+) -> None:
+    n, dim = rows["embedding"].shape
+    spec = OutputSpec(dim, rows["logits"].shape[1], emb, logits)
+    schema = spec.schema(meta)
+    table = to_table(rows, spec, schema)
+    if level is None:  # the pipeline's writer, as the job calls it
+        written = write_parquet([table], pafs.LocalFileSystem(), str(path), schema)
+        assert written == n
+        return
+    leaves = [f"{f.name}.list.element" for f in schema if f.name in ("embedding", "logits")]
+    pq.write_table(  # the pipeline's settings (pipeline.sink.write_parquet) but BSS and level as given
+        table,
+        str(path),
+        compression="zstd",
+        compression_level=level,  # Arrow's default for zstd is 1
+        use_dictionary=["key", "error"],
+        use_byte_stream_split=leaves if bss else False,
+        write_statistics=["key"],
+        row_group_size=ROW_GROUP_ROWS,
+    )
+
+
+def measure(path: Path) -> dict[str, Any]:
+    """File size, compressed bytes per column, encodings, footer bytes."""
+    md = pq.ParquetFile(path).metadata
+    columns: dict[str, int] = {}
+    encodings: dict[str, set[str]] = {}
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            name = col.path_in_schema.split(".")[0]
+            columns[name] = columns.get(name, 0) + col.total_compressed_size
+            encodings.setdefault(name, set()).update(col.encodings)
+    size = path.stat().st_size
+    return {
+        "rows": md.num_rows,
+        "file_bytes": size,
+        "column_bytes": columns,
+        "data_bytes": sum(columns.values()),
+        "footer_bytes": size - sum(columns.values()),  # footer + magic; page headers are in the columns
+        "encodings": {k: sorted(v) for k, v in encodings.items()},
+    }
+
+
+def byte_entropy(values: np.ndarray) -> tuple[float, float]:
+    """Order-0 entropy (bits) of the high and the low byte of float16 values."""
+    u = np.ascontiguousarray(values.astype(np.float16)).view(np.uint16).ravel()
+    out = []
+    for b in ((u >> 8).astype(np.uint8), (u & 0xFF).astype(np.uint8)):
+        p = np.bincount(b, minlength=256) / b.size
+        p = p[p > 0]
+        out.append(float(-(p * np.log2(p)).sum()))
+    return out[0], out[1]
+
+
+def identity_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """Footer key-values like a real run's (pipeline/run.py records these; values here are representative)."""
+    meta = {
+        "model": args.model,
+        "weights": args.weights,
+        "weights_sha256": "random" if args.weights == "random" else "0" * 64,
+        "source_format": "random",
+        "image_size": str(args.image_size or 224),
+        "patch_size": "16",
+        "resize_size": "256",
+        "mean": "[0.485, 0.456, 0.406]",
+        "std": "[0.229, 0.224, 0.225]",
+        "preprocessing": "RGB (EXIF orientation applied, alpha composited on white); resize shorter side to "
+        "256 bilinear antialias; centre crop 224; uint8 patches (kh, kw, c); normalize (x/255 - mean) / std",
+        "embedding": "CLS token after the final LayerNorm",
+        "version": "0.1.0",
+        "run_id": "20261126T000000Z-abcdef",
+    }
+    if args.class_names:
+        meta["class_names"] = json.dumps([f"n{i:08d} class name {i}" for i in range(1000)])
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=256, help="images to embed (default: %(default)s)")
+    p.add_argument("--model", default="vit_b_16", help="preset (default: %(default)s)")
+    p.add_argument("--weights", default="random", help="checkpoint path, or random (default)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the preset's (224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="sample images and random weights (default: 0)")
+    p.add_argument(
+        "--class-names",
+        action="store_true",
+        help="put 1000 class names in the footer, as a named checkpoint does",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-output-size-") as tmp:
+        work = Path(tmp)
+        rows = embed_images(args, work)
+        meta = identity_metadata(args)
+        results = {}
+        for i, (name, emb, logits, bss, level) in enumerate(VARIANTS):
+            path = work / f"variant-{i}.parquet"
+            write_variant(rows, path, emb, logits, bss, level, meta)
+            results[name] = measure(path)
+
+        # Fewer rows per file (a small unit, the tail of a run): zstd has less data to learn from.
+        by_rows = {}
+        for k in sorted({m for m in (32, 64, 128, 256, 512, 1024) if m < len(rows["key"])}):
+            head = {c: v[:k] for c, v in rows.items()}
+            for bss, level in ((True, None), (False, 1)):
+                path = work / f"rows-{k}-{bss}.parquet"
+                write_variant(head, path, "float16", "float16", bss, level, meta)
+                by_rows[(k, bss)] = measure(path)["data_bytes"] / k
+
+    n = len(rows["key"])
+    dim, classes = rows["embedding"].shape[1], rows["logits"].shape[1]
+    base = results[VARIANTS[-1][0]]
+    f16_plain = results[VARIANTS[1][0]]
+    print(
+        f"\nbytes per image ({n} rows in one file; raw float16 = {2 * (dim + classes)} B, float32 = "
+        f"{4 * (dim + classes)} B); columns = key + embedding + logits + error (compressed, with page "
+        f"headers); the footer is per file:"
+    )
+    titles = (
+        "variant",
+        "columns",
+        "key",
+        "embedding",
+        "logits",
+        "error",
+        "footer/file",
+        "@256 rows",
+        "vs baseline",
+    )
+    print("{:<27} {:>7} {:>5} {:>9} {:>7} {:>5} {:>11} {:>9} {:>11}".format(*titles))
+    for name, r in results.items():
+        per = {k: v / n for k, v in r["column_bytes"].items()}
+        r["bytes_per_image"] = round(r["data_bytes"] / n, 1)
+        r["bytes_per_image_256_rows"] = round(r["data_bytes"] / n + r["footer_bytes"] / ROWS_PER_UNIT_FILE, 1)
+        r["bytes_per_image_4096_rows"] = round(r["data_bytes"] / n + r["footer_bytes"] / 4096, 1)
+        r["ratio_vs_baseline"] = round(r["data_bytes"] / base["data_bytes"], 3)
+        print(
+            f"{name:<27} {r['bytes_per_image']:>7.0f} {per.get('key', 0):>5.0f} {per['embedding']:>9.0f} "
+            f"{per['logits']:>7.0f} {per.get('error', 0):>5.0f} {r['footer_bytes']:>11} "
+            f"{r['bytes_per_image_256_rows']:>9.0f} {r['ratio_vs_baseline']:>10.2f}×"
+        )
+    ours = results[VARIANTS[0][0]]
+    print("\nencodings of the float columns (from the files):")
+    for name, r in results.items():
+        print(
+            f"  {name:<27} embedding {','.join(r['encodings']['embedding'])}; "
+            f"logits {','.join(r['encodings']['logits'])}"
+        )
+
+    if by_rows:
+        print(
+            "\nfloat16 + float16 column bytes per image by rows per file, with / without byte-stream-split: "
+            + ", ".join(
+                f"{k}: {by_rows[(k, True)]:.0f} / {by_rows[(k, False)]:.0f}"
+                for k in sorted({k for k, _ in by_rows})
+            )
+        )
+    print("\nvalues (float16 high byte = sign + exponent + 2 mantissa bits; low byte = 8 mantissa bits):")
+    for col in ("embedding", "logits"):
+        v = rows[col].astype(np.float32)
+        hi, lo = byte_entropy(v)
+        per_value = ours["column_bytes"][col] / v.size
+        print(
+            f"  {col:<9} mean {v.mean():+.3f} std {v.std():.3f} min {v.min():+.2f} max {v.max():+.2f}; "
+            f"entropy high byte {hi:.2f} bits, low byte {lo:.2f} bits → order-0 bound "
+            f"{(hi + lo) / 8:.2f} B/value; written {per_value:.2f} B/value"
+        )
+    bss_gain = f16_plain["data_bytes"] / ours["data_bytes"]
+    verdict = "met" if ours["bytes_per_image_256_rows"] <= TARGET_BYTES else "NOT met"
+    print(
+        f"\nfloat16 + float16, zstd + byte-stream-split: {ours['bytes_per_image']:.0f} B/image of column "
+        f"data, {ours['bytes_per_image_256_rows']:.0f} B/image with the footer of a 256-row file "
+        f"({ours['bytes_per_image_4096_rows']:.0f} B at 4096 rows); target ≤ {TARGET_BYTES} B (3.0 KB): "
+        f"{verdict} (3.0 KiB = 3072 B: {'met' if ours['bytes_per_image_256_rows'] <= 3072 else 'NOT met'}). "
+        f"{base['data_bytes'] / ours['data_bytes']:.2f}× smaller than the float32 no-BSS baseline; "
+        f"byte-stream-split alone: {bss_gain:.2f}×. Random weights: a trained head's logits may compress "
+        f"differently."
+    )
+    if args.json:
+        out = {
+            "images": n,
+            "embedding_dim": dim,
+            "num_classes": classes,
+            "variants": results,
+            "f16_bytes_per_image_by_rows": {
+                f"{k}{'' if bss else ' no BSS'}": v for (k, bss), v in by_rows.items()
+            },
+        }
+        args.json.write_text(
+            json.dumps(out, indent=2, default=lambda o: sorted(o) if isinstance(o, set) else o)
+        )
+
+
+if __name__ == "__main__":
+    main()
