@@ -233,7 +233,10 @@ def actor_stage(config: JobConfig, plan_: Plan) -> ActorStage:
     elif config.device == "cuda":
         raise JobFailed("--device cuda was given but the Ray cluster has no GPU; use --device auto or cpu.")
     else:
-        actor_cpus = config.actor_cpus or max(1.0, math.floor(cpus / 2))
+        # Half of the smallest node: an actor must fit again on a surviving node, next to decode tasks,
+        # if its node goes away (measured: a 2-CPU actor on 2-CPU nodes never restarted after a removal).
+        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] or [cpus]
+        actor_cpus = config.actor_cpus or max(1.0, math.floor(min(node_cpus) / 2))
         size = config.num_actors or 1
         # `memory` differs from the decode tasks' resources, so Ray Data does not fuse decode into the actor.
         args = {"num_cpus": actor_cpus, "memory": memory}

@@ -130,7 +130,6 @@ def test_a_removed_worker_node_does_not_lose_rows(tmp_path: Path):
         weights="random",
         image_size=32,
         batch_size=2,
-        actor_cpus=1,  # the actor must fit on the surviving node next to a decode task
         commit_interval_s=0,
     )
     result: dict = {}
