@@ -109,7 +109,13 @@ def write_parquet(tables: Iterable[pa.Table], fs: pafs.FileSystem, path: str, sc
     rows = 0
     pending: list[pa.Table] = []
     pending_rows = 0
-    float_leaves = [f"{f.name}.list.element" for f in schema if pa.types.is_fixed_size_list(f.type)]
+    # Byte-stream-split only on float32 vectors: DuckDB (2.0) cannot read it on float16 columns (a
+    # FIXED_LEN_BYTE_ARRAY in Parquet). A list column is named by its leaf path, not its name.
+    float_leaves = [
+        f"{f.name}.list.element"
+        for f in schema
+        if pa.types.is_fixed_size_list(f.type) and pa.types.is_float32(f.type.value_type)
+    ]
     with (
         fs.open_output_stream(path) as stream,
         pq.ParquetWriter(
