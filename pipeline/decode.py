@@ -299,7 +299,7 @@ def _jpeg_info(data: bytes | memoryview) -> tuple[int, int, bool, int, bool] | N
             return None
         seg = pos + 4
         if marker == 0xE1 and length >= 8 and bytes(data[seg : seg + 6]) == b"Exif\x00\x00":
-            o = _exif_orientation(bytes(data[seg + 6 : pos + 2 + length]))
+            o = exif_orientation(bytes(data[seg + 6 : pos + 2 + length]))
             if o is None:
                 return None
             orientation = o
@@ -321,7 +321,7 @@ def _jpeg_info(data: bytes | memoryview) -> tuple[int, int, bool, int, bool] | N
     return None
 
 
-def _exif_orientation(tiff: bytes) -> int | None:
+def exif_orientation(tiff: bytes) -> int | None:
     """The Orientation tag of IFD0 in a TIFF-structured EXIF block (1 when absent; None when malformed)."""
     if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
         return None

@@ -42,11 +42,11 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, to_patches
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, exif_orientation, to_patches
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +57,6 @@ MAX_JPEG_SCANS = 500  # as pipeline.decode: more scans than this is a decode-tim
 DEFAULT_BATCH_PIXELS = 256 * 2**20  # decoded pixels per batched decode call (768 MiB of uint8 RGB)
 _RESIZE_PIXELS = 32 * 2**20  # input pixels per float32 resize call (384 MiB of float32 RGB)
 _MAX_CROP_AREA = 16  # resized image larger than this many crops (aspect ratio beyond ~12:1): CPU path
-_EXIF_ORIENTATION = 0x0112
 _SOF_GPU = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman)
 _NO_BYTES = "cannot decode image: the row has no image bytes"
 
@@ -101,7 +100,7 @@ def jpeg_gpu_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
         if marker == 0xDA:
             break
         if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
-            o = _exif_orientation(seg[6:])
+            o = exif_orientation(seg[6:])
             if o is None:
                 return "malformed exif"
             orientation = o
@@ -137,25 +136,6 @@ def jpeg_gpu_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
     if bytes(data).rfind(b"\xff\xd9", sos) < 0:
         return "no end marker"
     return w, h
-
-
-def _exif_orientation(tiff: bytes) -> int | None:
-    """The Orientation tag of IFD0 in a TIFF-structured EXIF block (1 when absent; None when malformed)."""
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return None
-    order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
-    ifd = int.from_bytes(tiff[4:8], order)
-    if ifd + 2 > len(tiff):
-        return None
-    count = int.from_bytes(tiff[ifd : ifd + 2], order)
-    for i in range(count):
-        entry = ifd + 2 + 12 * i
-        if entry + 12 > len(tiff):
-            return None
-        if int.from_bytes(tiff[entry : entry + 2], order) == _EXIF_ORIENTATION:
-            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
-            return value if 1 <= value <= 8 else 1  # out-of-range orientations are ignored (as Pillow)
-    return 1
 
 
 def _as_bytes(item: Any) -> bytes:
