@@ -25,6 +25,23 @@ def _rows(unit: int, shard: str, n: int, total: int = -1, start: int = 0) -> dic
     }
 
 
+@pytest.fixture(autouse=True)
+def _stop_heartbeats(monkeypatch):
+    """Every RunLedger started here stops its heartbeat thread at the end of the test (it would otherwise
+    keep rewriting heartbeat.json under the test's tmp_path, which later tests watch)."""
+    started: list[RunLedger] = []
+    original = RunLedger.start
+
+    def start(self, record):
+        started.append(self)
+        original(self, record)
+
+    monkeypatch.setattr(RunLedger, "start", start)
+    yield
+    for ledger in started:
+        ledger.stop()
+
+
 def _setup(tmp_path, units, interval_s=0.0, run_id="r1"):
     sink = ParquetSink(str(tmp_path), SPEC, run_id, {})
     ledger = RunLedger(str(tmp_path), run_id)
