@@ -108,7 +108,7 @@ def to_patches(
     Raises `DecodeError` when the bytes cannot be decoded (empty, not an image, truncated, too many
     pixels) and `ValueError` for impossible sizes.
     """
-    resize_size = _check_sizes(image_size, patch_size, resize_size)
+    resize_size = check_sizes(image_size, patch_size, resize_size)
     g = image_size // patch_size
     out = np.empty((g * g, patch_size * patch_size * 3), dtype=np.uint8)
     _patches_into(out, data, image_size, patch_size, resize_size, max_pixels)
@@ -130,7 +130,7 @@ class DecodePatches:
         resize_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        self.resize_size = _check_sizes(image_size, patch_size, resize_size)
+        self.resize_size = check_sizes(image_size, patch_size, resize_size)
         self.image_size = image_size
         self.patch_size = patch_size
         self.max_pixels = max_pixels
@@ -163,7 +163,7 @@ class DecodePatches:
                     raise DecodeError("cannot decode image: the row has no image bytes")
                 _patches_into(
                     patches[i],
-                    _as_bytes(item),
+                    as_bytes(item),
                     self.image_size,
                     self.patch_size,
                     self.resize_size,
@@ -197,7 +197,8 @@ def _patches_into(
 # Geometry (torchvision's Resize(int) + CenterCrop)
 
 
-def _check_sizes(image_size: int, patch_size: int, resize_size: int | None) -> int:
+def check_sizes(image_size: int, patch_size: int, resize_size: int | None) -> int:
+    """The resize size to use (default round(image_size·256/224)); ValueError for impossible sizes."""
     if image_size < 1 or patch_size < 1 or image_size % patch_size:
         raise ValueError(
             f"image_size must be a positive multiple of patch_size, got image_size={image_size}, "
@@ -226,7 +227,8 @@ def _crop_offsets(nw: int, nh: int, image_size: int) -> tuple[int, int]:
 # Decoding
 
 
-def _as_bytes(item: Any) -> bytes:
+def as_bytes(item: Any) -> bytes:
+    """A batch cell (bytes, bytearray, memoryview, numpy bytes or uint8 array) as bytes."""
     if isinstance(item, bytes):
         return item
     if isinstance(item, (bytearray, memoryview, np.bytes_)):

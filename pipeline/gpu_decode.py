@@ -42,11 +42,18 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, exif_orientation, to_patches
+from pipeline.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    as_bytes,
+    check_sizes,
+    exif_orientation,
+    to_patches,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -138,16 +145,6 @@ def jpeg_gpu_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
     return w, h
 
 
-def _as_bytes(item: Any) -> bytes:
-    if isinstance(item, bytes):
-        return item
-    if isinstance(item, (bytearray, memoryview, np.bytes_)):
-        return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
-        return item.tobytes()
-    raise TypeError(f"expected image bytes, got {type(item).__name__}")
-
-
 class GpuDecoder:
     """Encoded images → (uint8 patches `[B, N, P·P·3]` on `device`, per-item error or None). Never raises
     for a bad image.
@@ -168,15 +165,7 @@ class GpuDecoder:
     ) -> None:
         import torch
 
-        if image_size < 1 or patch_size < 1 or image_size % patch_size:
-            raise ValueError(
-                f"image_size must be a positive multiple of patch_size, got image_size={image_size}, "
-                f"patch_size={patch_size}."
-            )
-        if resize_size is None:
-            resize_size = round(image_size * 256 / 224)
-        if resize_size < image_size:
-            raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
+        resize_size = check_sizes(image_size, patch_size, resize_size)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"GpuDecoder(device={device!r}): torch sees no CUDA device")
@@ -214,7 +203,7 @@ class GpuDecoder:
             try:
                 if item is None:
                     raise DecodeError(_NO_BYTES)
-                data[i] = b = _as_bytes(item)
+                data[i] = b = as_bytes(item)
             except Exception as e:
                 errors[i] = f"decode: {type(e).__name__}: {e}"
                 continue
