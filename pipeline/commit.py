@@ -55,7 +55,6 @@ class CommitStats:
     errors: int = 0
     files: int = 0
     commits: int = 0
-    shards: dict[str, tuple[int, int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # stage → seconds, summed over workers
 
 
@@ -108,7 +107,6 @@ class Committer:
             del self.units[u]
         self.stats.files += len(files)
         self.stats.commits += 1
-        self.stats.shards.update(shards)
         self._last = time.monotonic()
 
     def finish(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -84,9 +83,6 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-
-    def replace(self, **changes: object) -> JobConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 def _overlap(a: str, b: str) -> bool:

@@ -95,7 +95,6 @@ class EmbedPatches:
         self.logits_dtype = np.dtype(logits_dtype)
         self.embedding_dim = self.loaded.model.config.hidden_dim
         self.num_classes = self.loaded.model.config.num_classes
-        self.seconds = 0.0  # time spent in the model, for the bottleneck report
         self.decoder = None
         if decode is not None:
             from pipeline.gpu_decode import GpuDecoder
@@ -154,7 +153,6 @@ class EmbedPatches:
                 log.exception("embedding a batch of %d images failed", int(ok.sum()))
                 errors[ok] = f"embed: {type(e).__name__}: {e}"
         seconds = time.perf_counter() - start
-        self.seconds += seconds
         return _outputs({**batch, "error": errors}, embedding, logits, seconds)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.commit import Committer
 from pipeline.config import JobConfig
-from pipeline.decode import DEFAULT_MAX_PIXELS, DecodePatches
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodePatches, check_sizes
 from pipeline.embed import EmbedPatches, ModelSpec
 from pipeline.ledger import Ledger, RunLedger
 from pipeline.sink import OutputSpec, ParquetSink, Part, part_from_json, write_parts
@@ -148,7 +148,7 @@ def plan(config: JobConfig) -> Plan:
     loaded = spec.load()  # validates the weights here, once, before any worker starts
     mc = loaded.model.config
     image_size, patch_size = mc.image_size, mc.patch_size
-    resize_size = round(image_size * 256 / 224)
+    resize_size = check_sizes(image_size, patch_size, None)  # the decode stage's default, one definition
     identity = {k: v for k, v in loaded.identity().items() if k not in ("preset", "sha256")}
     identity.update(
         {
@@ -174,8 +174,6 @@ def plan(config: JobConfig) -> Plan:
         }
     )
     if loaded.class_names:
-        import json
-
         identity["class_names"] = json.dumps(loaded.class_names)
     identity.update(config.extra)
     output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
