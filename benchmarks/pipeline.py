@@ -22,8 +22,9 @@ process's descendants, via ``/proc``): CPU ms per image for the whole pipeline a
 split into driver, task workers (read+decode, write, commit placement), the model actor and Ray's own
 processes, and the number of Ray worker processes started during the run. The load average is printed:
 this machine is shared, and other processes' load lowers the end-to-end figure more than the standalone
-ones (the pipeline needs both cores, a standalone stage one). ``--keep-workers`` starts Ray with idle
-workers kept alive (``RAY_idle_worker_killing_time_threshold_ms``), to compare.
+ones (the pipeline needs both cores, a standalone stage one). Ray is started as ``jobs/embed.py`` starts a
+local Ray (idle worker processes kept for ``IDLE_WORKER_KEEP_MS``); ``--ray-default-workers`` uses Ray's
+default instead (idle workers beyond one per CPU killed after 1 s), to compare.
 
 "Standalone with the CPUs the stage gets in the pipeline": on a cluster of C CPUs without a GPU the job
 gives the model actor ``max(1, floor(C/2))`` CPUs and leaves the rest to read+decode tasks (one CPU each,
@@ -93,10 +94,6 @@ from pipeline.sink import OutputSpec, to_table, write_parquet
 from pipeline.sources import ReadShards, list_shards, shards_to_items
 from vit.model import PRESETS
 
-# Loose files per read+decode task in pipeline/run.py (a "unit" of work).
-FILES_PER_READ_TASK = getattr(run_module, "FILES_PER_UNIT", 256)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Input
 
@@ -148,15 +145,20 @@ def fake_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def start_ray(num_cpus: int, keep_workers: bool = False) -> None:
+def start_ray(num_cpus: int, ray_default_workers: bool = False) -> None:
+    """A local Ray as pipeline.run.ensure_ray starts it (quieter); Ray's default worker keeping if asked."""
     import logging
 
     import ray
 
-    if keep_workers:  # read by the raylet when it starts: idle workers stay instead of being killed after 1 s
-        os.environ["RAY_idle_worker_killing_time_threshold_ms"] = str(3_600_000)  # noqa: SIM112
-
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    keep_ms = 1000 if ray_default_workers else run_module.IDLE_WORKER_KEEP_MS
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"idle_worker_killing_time_threshold_ms": keep_ms},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
@@ -185,13 +187,16 @@ def _rebatch(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, 
     return [{k: v[i : i + size] for k, v in whole.items()} for i in range(0, n, size)]
 
 
-def standalone(args: argparse.Namespace, src: Path, work: Path) -> tuple[dict[str, float], float]:
+def standalone(
+    args: argparse.Namespace, src: Path, work: Path, task_slots: float
+) -> tuple[dict[str, float], float]:
     """One-thread images/s of each stage run alone over the images under `src`, and their CPU seconds."""
     import pyarrow.fs as pafs
 
     items = shards_to_items(list_shards(str(src)))
     n = len(items)
-    groups = [_columns(items[i : i + FILES_PER_READ_TASK]) for i in range(0, n, FILES_PER_READ_TASK)]
+    per_task = run_module.files_per_unit(n, task_slots)  # one read+decode task's unit in the pipeline
+    groups = [_columns(items[i : i + per_task]) for i in range(0, n, per_task)]
     seconds: dict[str, float] = {}
     cpu0 = time.thread_time()
 
@@ -306,7 +311,7 @@ def efficiency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cpus = {"read": decode_slots, "decode": decode_slots, "embed": 1, "write": 1}
     src = make_input(work, args.images, args.unique)
     small = make_input(work, args.small_images, args.unique)
-    start_ray(num_cpus, args.keep_workers)
+    start_ray(num_cpus, args.ray_default_workers)
     print(
         f"{args.images} images ({args.unique} distinct), {args.model} at {args.image_size} px, fake model "
         f"(delay {args.delay_s} s/batch), batch {args.batch_size}, {args.dtype}; local Ray with {num_cpus} "
@@ -321,7 +326,7 @@ def efficiency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rounds = []
     for r in range(args.rounds):
         load = load_average()
-        one_thread, alone_cpu = standalone(args, src, work)
+        one_thread, alone_cpu = standalone(args, src, work, decode_slots)
         alone = {k: v * cpus[k] for k, v in one_thread.items()}
         alone["read+decode"] = 1 / (1 / alone["read"] + 1 / alone["decode"])
         short, _ = _timed_run(args, small, work / f"out-small-{r}")
@@ -381,7 +386,7 @@ def efficiency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         f"{marginal_ratio['max']:.0%}"
     )
     if args.check_actors:
-        # Enough 256-image units that both actors get blocks (an actor takes up to 4 blocks in flight).
+        # Enough 256-row blocks that both actors get some (an actor takes up to 4 blocks in flight).
         result["actor_start"] = check_actor_start(args, make_input(work, 2048, args.unique), work, num_cpus)
         a = result["actor_start"]
         print(
@@ -595,7 +600,7 @@ def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for r in range(args.rounds):
         for n in sizes:
-            start_ray(num_cpus, args.keep_workers)
+            start_ray(num_cpus, args.ray_default_workers)
             time.sleep(1.0)
             idle = idle_memory_kb()
             sampler = TreeSampler(args.sample_s, memory=True)
@@ -668,7 +673,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--memory", action="store_true", help="measure peak memory at N and 10N images instead")
     p.add_argument(
-        "--images", type=int, default=6000, help="efficiency: images per run (default: %(default)s)"
+        "--images", type=int, default=24000, help="efficiency: images per run (default: %(default)s)"
     )
     p.add_argument(
         "--small-images", type=int, default=500, help="efficiency: the short run (default: %(default)s)"
@@ -687,10 +692,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--delay-s", type=float, default=0.0, help="fake model's sleep per batch (default: 0)")
     p.add_argument(
-        "--keep-workers",
+        "--ray-default-workers",
         action="store_true",
-        help="start Ray with RAY_idle_worker_killing_time_threshold_ms=3600000 (idle workers are not "
-        "killed and restarted); compare with a run without it",
+        help="start Ray with its default idle-worker killing (1 s) instead of the job's "
+        "IDLE_WORKER_KEEP_MS, to compare",
     )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
     p.add_argument(

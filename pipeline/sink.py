@@ -14,6 +14,7 @@ parts of a unit into place once every row of the unit is staged, then records th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -212,6 +213,12 @@ class ParquetSink:
         """
         fs, root = resolve_uri(self.output)
         name = self.final_name(parts[0].unit)
+        if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
+            # An earlier attempt (a retried task) placed it: the name holds the run id, so it is this unit.
+            for p in parts:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.delete_file(p.staged)
+            return name
         if len(parts) == 1:
             fs.move(parts[0].staged, f"{root}/{name}")
             return name

@@ -82,6 +82,19 @@ def test_parts_per_unit_then_one_file_per_unit(tmp_path):
     assert "BYTE_STREAM_SPLIT" not in col.encodings
 
 
+def test_placing_a_unit_again_is_a_no_op(tmp_path):
+    """A retried placement task finds its unit in place: it returns the name and removes what is left."""
+    sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r", {})
+    a = sink.write_parts(_unit_batch(2, 4, 2, set(), 3, "s"))
+    b = sink.write_parts(_unit_batch(1, 4, 2, set(), 3, "s", total=3))
+    name = sink.place_unit(a + b)
+    before = pq.read_table(tmp_path / name)
+    a2 = sink.write_parts(_unit_batch(2, 4, 2, set(), 3, "s"))  # a leftover staged part of the same unit
+    assert sink.place_unit(a + b) == name and sink.place_unit(a2) == name
+    assert pq.read_table(tmp_path / name).equals(before)
+    assert not list((tmp_path / "_staging").rglob("*.parquet"))
+
+
 def test_part_json_round_trip(tmp_path):
     sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r", {})
     [part] = sink.write_parts(_unit_batch(3, 4, 2, {2}, 5, "x", total=3))
