@@ -136,34 +136,6 @@ def test_identity_conflict_names_the_difference(tmp_path):
         ledger.check_identity({"model": "other"})
 
 
-def test_bottleneck_weighs_stage_time_by_workers():
-    from pipeline.run import bottleneck
-
-    seconds = {"read": 1.0, "decode": 30.0, "embed": 12.0, "write": 0.5}
-    assert bottleneck(seconds, task_slots=1, actors=1) == "decode"
-    assert bottleneck(seconds, task_slots=15, actors=1) == "embed"  # 15 decode CPUs, one GPU
-    assert bottleneck({}, task_slots=1, actors=1) == ""
-
-
-def test_units_group_loose_files_by_cluster_size_and_keep_shards_alone():
-    from pipeline.run import MAX_FILES_PER_UNIT, MIN_FILES_PER_UNIT, make_units
-    from pipeline.sources import Shard
-
-    def files(n: int) -> list[Shard]:
-        return [Shard(f"/in/{i}.jpg", f"{i}.jpg", "file", 1) for i in range(n)]
-
-    small = make_units(files(300), task_slots=15)  # a small input still gets units of at least the minimum
-    assert [len(u) for u in small.values()] == [MIN_FILES_PER_UNIT, 300 - MIN_FILES_PER_UNIT]
-    mid = make_units(files(6000), task_slots=1)  # four tasks for the one slot
-    assert [len(u) for u in mid.values()] == [1500] * 4
-    big = make_units(files(100_000), task_slots=2)
-    assert max(len(u) for u in big.values()) == MAX_FILES_PER_UNIT
-    mixed = make_units([*files(10), Shard("/in/a.tar", "a.tar", "webdataset", 9)], task_slots=4)
-    assert [[s.rel for s in u] for u in mixed.values()][-1] == ["a.tar"] and len(mixed) == 2
-    every = [s.rel for u in big.values() for s in u]
-    assert sorted(every) == sorted(s.rel for s in files(100_000))  # each file in exactly one unit
-
-
 def test_a_live_run_blocks_a_second_one_and_a_dead_one_does_not(tmp_path, monkeypatch):
     import json
     import os

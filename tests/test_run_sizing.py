@@ -1,0 +1,66 @@
+"""pipeline/run.py's sizing decisions, without a cluster: units of work, block sizes, the bound stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.decode import DecodePatches
+from pipeline.run import (
+    DECODE_BATCH_ROWS,
+    MAX_FILES_PER_UNIT,
+    MIN_FILES_PER_UNIT,
+    bottleneck,
+    decoded_block_bytes,
+    make_units,
+)
+from pipeline.sample import encode, photo_like
+from pipeline.sources import Shard
+
+
+def test_bottleneck_weighs_stage_time_by_workers():
+    seconds = {"read": 1.0, "decode": 30.0, "embed": 12.0, "write": 0.5}
+    assert bottleneck(seconds, task_slots=1, actors=1) == "decode"
+    assert bottleneck(seconds, task_slots=15, actors=1) == "embed"  # 15 decode CPUs, one GPU
+    assert bottleneck({}, task_slots=1, actors=1) == ""
+
+
+def test_units_group_loose_files_by_cluster_size_and_keep_shards_alone():
+    def files(n: int) -> list[Shard]:
+        return [Shard(f"/in/{i}.jpg", f"{i}.jpg", "file", 1) for i in range(n)]
+
+    small = make_units(files(300), task_slots=15)  # a small input still gets units of at least the minimum
+    assert [len(u) for u in small.values()] == [MIN_FILES_PER_UNIT, 300 - MIN_FILES_PER_UNIT]
+    mid = make_units(files(6000), task_slots=1)  # four tasks for the one slot
+    assert [len(u) for u in mid.values()] == [1500] * 4
+    big = make_units(files(100_000), task_slots=2)
+    assert max(len(u) for u in big.values()) == MAX_FILES_PER_UNIT
+    mixed = make_units([*files(10), Shard("/in/a.tar", "a.tar", "webdataset", 9)], task_slots=4)
+    assert [[s.rel for s in u] for u in mixed.values()][-1] == ["a.tar"] and len(mixed) == 2
+    every = [s.rel for u in big.values() for s in u]
+    assert sorted(every) == sorted(s.rel for s in files(100_000))  # each file in exactly one unit
+
+
+@pytest.mark.parametrize("image_size", [32, 224, 384])
+def test_a_decoded_batch_leaves_the_task_as_one_block(image_size: int):
+    """Ray Data emits a task's output once its buffer exceeds target_max_block_size and splits blocks of
+    1.5× that or more: one read batch of decoded rows must fall in between."""
+    from ray.data.block import BlockAccessor
+
+    rng = np.random.default_rng(0)
+    data = encode(photo_like(rng, 64, 48))
+    n = DECODE_BATCH_ROWS
+    batch = {
+        "key": np.array([f"dir/{i:06d}.jpg" for i in range(n)], dtype=object),
+        "shard": np.array([f"dir/{i:06d}.jpg" for i in range(n)], dtype=object),
+        "bytes": np.array([data] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+    }
+    out = DecodePatches(image_size=image_size, patch_size=16)(batch)
+    for col in ("unit", "unit_rows"):
+        out[col] = np.zeros(n, np.int64)
+    for col in ("read_s", "decode_s"):
+        out[col] = np.zeros(n, np.float64)
+    size = BlockAccessor.for_block(BlockAccessor.batch_to_block(out)).size_bytes()
+    target = decoded_block_bytes(image_size)
+    assert target < size < 1.5 * target
