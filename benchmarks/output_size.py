@@ -14,8 +14,8 @@ the same rows five ways and reads the sizes back from the files:
   zstd gives).
 
 Per image: the column chunks' compressed bytes ÷ rows (what a file converges to), and the footer (schema,
-row-group metadata, the ``vit_embed.*`` identity) in bytes per file, amortized over 256 rows (one unit of
-loose files is one output file: ``FILES_PER_UNIT``) and over 4096 rows. The encodings column is read back
+row-group metadata, the ``vit_embed.*`` identity) in bytes per file, amortized over 256 rows (the smallest
+unit of loose files, ``MIN_FILES_PER_UNIT``; one unit is one output file) and over 4096 rows (the largest). The encodings column is read back
 from the file's metadata, so it shows whether byte-stream-split really was applied (DESIGN.md: a list
 column's *name* is silently ignored; the leaf path works).
 
@@ -55,7 +55,7 @@ from pipeline.sample import make_sample
 from pipeline.sink import ROW_GROUP_ROWS, OutputSpec, to_table, write_parquet
 
 TARGET_BYTES = 3000  # 3.0 KB (3.0 KiB = 3072 would be looser)
-ROWS_PER_UNIT_FILE = 256  # pipeline/run.py FILES_PER_UNIT: loose files → one output file per 256 images
+ROWS_PER_UNIT_FILE = 256  # pipeline/run.py MIN_FILES_PER_UNIT: the smallest output file of loose files
 
 # (name, embedding dtype, logits dtype, byte-stream-split, zstd level; None: the pipeline's own writer)
 VARIANTS = [

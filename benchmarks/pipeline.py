@@ -52,7 +52,7 @@ workers and actors) from ``/proc/<pid>/smaps_rollup`` every ``--sample-s`` and k
 of PSS (shared pages, e.g. the plasma object store and libraries, divided among the processes mapping
 them: the machine's real footprint) and of RSS (shared pages counted once per process). N and 10N images.
 
-    python benchmarks/pipeline.py                      # efficiency, 3 rounds of 6000 images, actor check
+    python benchmarks/pipeline.py                      # efficiency, 3 rounds of 24,000 images, actor check
     python benchmarks/pipeline.py --delay-s 0.05       # a slower fake model: embed becomes the bound
     python benchmarks/pipeline.py --memory             # peak memory, 2000 vs 20000 images
     python benchmarks/pipeline.py --memory --memory-images 1000 --rounds 2
