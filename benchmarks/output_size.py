@@ -15,9 +15,10 @@ the same rows five ways and reads the sizes back from the files:
 
 Per image: the column chunks' compressed bytes ÷ rows (what a file converges to), and the footer (schema,
 row-group metadata, the ``vit_embed.*`` identity) in bytes per file, amortized over 256 rows (the smallest
-unit of loose files, ``MIN_FILES_PER_UNIT``; one unit is one output file) and over 4096 rows (the largest). The encodings column is read back
-from the file's metadata, so it shows whether byte-stream-split really was applied (DESIGN.md: a list
-column's *name* is silently ignored; the leaf path works).
+unit of loose files, ``MIN_FILES_PER_UNIT``; one unit is one output file) and over 4096 rows (the
+largest). The encodings column is read back from the file's metadata, so it shows whether
+byte-stream-split really was applied (DESIGN.md: a list column's *name* is silently ignored; the leaf path
+works).
 
 Random weights: the embedding is the CLS token after the final LayerNorm, so its scale and sign pattern
 look like a trained model's; the logits come from a random head (std 0.02 weights), so they are a narrow,

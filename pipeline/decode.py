@@ -58,7 +58,7 @@ import threading
 import time
 import warnings
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -120,7 +120,7 @@ class DecodePatches:
 
     Never raises for a bad image: its row gets `error = "decode: <ExceptionClass>: <message>"` and zero
     patches. Rows that arrive with an error (from the read stage) pass through unchanged, as do their zeros.
-    `stats` accumulates images, errors and seconds (wall and CPU) spent decoding, for a bottleneck report.
+    Adds `decode_s`: each row's share of the batch's decode time (the run's per-stage report adds them up).
     """
 
     def __init__(
@@ -134,16 +134,9 @@ class DecodePatches:
         self.image_size = image_size
         self.patch_size = patch_size
         self.max_pixels = max_pixels
-        self.stats: dict[str, float] = {
-            "batches": 0,
-            "images": 0,
-            "errors": 0,
-            "seconds": 0.0,
-            "cpu_seconds": 0.0,
-        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0 = time.perf_counter()
         keys = batch["key"]
         n = len(keys)
         data = batch.get("bytes")
@@ -151,7 +144,6 @@ class DecodePatches:
         g = self.image_size // self.patch_size
         patches = np.zeros((n, g * g, self.patch_size * self.patch_size * 3), dtype=np.uint8)
         errors = np.empty(n, dtype=object)
-        new_errors = 0
         for i in range(n):
             previous = errors_in[i]
             if previous is not None:
@@ -173,15 +165,10 @@ class DecodePatches:
             except Exception as e:  # a bad image is a row, never a crash
                 patches[i] = 0
                 errors[i] = f"decode: {type(e).__name__}: {e}"
-                new_errors += 1
-        self.stats["batches"] += 1
-        self.stats["images"] += n
-        self.stats["errors"] += new_errors
-        self.stats["seconds"] += time.perf_counter() - t0
-        self.stats["cpu_seconds"] += time.thread_time() - c0
         # Columns this stage does not know (e.g. the run's bookkeeping) pass through unchanged.
         passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "error")}
-        return {**passthrough, "patches": patches, "error": errors}
+        seconds = np.full(n, (time.perf_counter() - t0) / max(1, n))
+        return {**passthrough, "patches": patches, "error": errors, "decode_s": seconds}
 
 
 def _patches_into(
@@ -247,18 +234,18 @@ def _decode_resize_crop(
         raise DecodeError("cannot decode image: the data is empty (0 bytes)")
     head = bytes(data[:16])
     if head.startswith(b"\xff\xd8\xff"):
-        info = _jpeg_info(data)
-        if info is not None:
-            w, h, fast, orientation, progressive = info
+        hdr = jpeg_header(data)
+        if not isinstance(hdr, str) and hdr.width and hdr.height:  # else (incl. a DNL height) Pillow decides
+            w, h, orientation = hdr.width, hdr.height, hdr.orientation
             _check_pixels(w, h, max_pixels)
             # Every scan re-reads the whole image: thousands of tiny scans make a small file decode for
             # minutes. An SOS marker cannot occur inside entropy-coded data (0xFF is stuffed there).
-            if progressive and (scans := bytes(data).count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            if hdr.progressive and (scans := bytes(data).count(b"\xff\xda")) > MAX_JPEG_SCANS:
                 raise DecodeError(
                     f"cannot decode image: progressive JPEG with {scans} scans, more than {MAX_JPEG_SCANS} "
                     "(a decode-time bomb)"
                 )
-            if fast:
+            if _turbo_capable(hdr):
                 arr, k = _decode_jpeg_turbo(data, w, h, resize_size)
                 if arr is not None:
                     if orientation >= 5:
@@ -278,17 +265,43 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
         )
 
 
-def _jpeg_info(data: bytes | memoryview) -> tuple[int, int, bool, int, bool] | None:
-    """(width, height, fast-path capable, EXIF orientation, progressive) from the markers before any scan.
+class JpegHeader(NamedTuple):
+    """What the markers before a JPEG's first scan say (see jpeg_header)."""
 
-    None when the header cannot be parsed here (Pillow then decides). Reads no pixel data.
+    frame: int  # the SOFn marker: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, others rarer
+    precision: int  # bits per sample
+    components: int
+    width: int
+    height: int  # 0 when a DNL marker gives it later
+    orientation: int  # EXIF orientation, 1 when absent
+    adobe_transform: int | None  # the Adobe APP14 colour transform flag, when present
+    component_ids: bytes
+    sos: int  # offset of the first start-of-scan marker
+
+    @property
+    def progressive(self) -> bool:
+        return self.frame in (0xC2, 0xC6, 0xCA, 0xCE)
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (C4: DHT, C8: JPG, CC: DAC)
+
+
+def jpeg_header(data: bytes | memoryview) -> JpegHeader | str:
+    """Reads the markers of a JPEG (starting FF D8) up to its first scan; reads no pixel data.
+
+    Returns the header, or why it cannot be read in a word or two ("truncated header", "malformed header",
+    "malformed exif", "no scan"); the callers then leave the file to Pillow, which decides.
     """
     n = len(data)
     pos = 2
     orientation = 1
-    while pos + 4 <= n:
+    adobe_transform: int | None = None
+    frame: tuple[int, int, int] | None = None  # (marker, segment start, segment end)
+    while True:
+        if pos + 4 > n:
+            return "truncated header"
         if data[pos] != 0xFF:
-            return None
+            return "malformed header"
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -296,31 +309,47 @@ def _jpeg_info(data: bytes | memoryview) -> tuple[int, int, bool, int, bool] | N
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
             pos += 2
             continue
+        if marker == 0xD9:
+            return "no scan"
         length = (data[pos + 2] << 8) | data[pos + 3]
-        if length < 2 or pos + 2 + length > n:
-            return None
-        seg = pos + 4
+        seg, end = pos + 4, pos + 2 + length
+        if length < 2 or end > n:
+            return "truncated header"
+        if marker == 0xDA:
+            break
         if marker == 0xE1 and length >= 8 and bytes(data[seg : seg + 6]) == b"Exif\x00\x00":
-            o = exif_orientation(bytes(data[seg + 6 : pos + 2 + length]))
+            o = exif_orientation(bytes(data[seg + 6 : end]))
             if o is None:
-                return None
+                return "malformed exif"
             orientation = o
-        elif marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            if length < 8:
-                return None
-            precision = data[seg]
-            h = (data[seg + 1] << 8) | data[seg + 2]
-            w = (data[seg + 3] << 8) | data[seg + 4]
-            components = data[seg + 5]
-            if w == 0 or h == 0:
-                return None  # height given later by a DNL marker: let Pillow handle (or reject) it
-            fast = marker in (0xC0, 0xC1, 0xC2) and precision == 8 and components in (1, 3)
-            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
-            return w, h, fast, orientation, progressive
-        elif marker in (0xDA, 0xD9):  # start of scan / end of image before any frame header
-            return None
-        pos += 2 + length
-    return None
+        elif marker == 0xEE and length >= 14 and bytes(data[seg : seg + 5]) == b"Adobe":
+            adobe_transform = data[seg + 11]
+        elif marker in _SOF:
+            if frame is not None:
+                return "malformed header"
+            frame = (marker, seg, end)
+        pos = end
+    if frame is None or frame[2] - frame[1] < 6:
+        return "malformed header"
+    marker, seg, end = frame
+    components = data[seg + 5]
+    ids = bytes(data[seg + 6 + 3 * i] for i in range(components) if seg + 6 + 3 * i < end)
+    return JpegHeader(
+        frame=marker,
+        precision=data[seg],
+        components=components,
+        width=(data[seg + 3] << 8) | data[seg + 4],
+        height=(data[seg + 1] << 8) | data[seg + 2],
+        orientation=orientation,
+        adobe_transform=adobe_transform,
+        component_ids=ids,
+        sos=pos,
+    )
+
+
+def _turbo_capable(hdr: JpegHeader) -> bool:
+    """libjpeg-turbo through simplejpeg: 8-bit Huffman-coded grey or three-component frames."""
+    return hdr.frame in (0xC0, 0xC1, 0xC2) and hdr.precision == 8 and hdr.components in (1, 3)
 
 
 def exif_orientation(tiff: bytes) -> int | None:

@@ -51,7 +51,7 @@ from pipeline.decode import (
     DecodeError,
     as_bytes,
     check_sizes,
-    exif_orientation,
+    jpeg_header,
     to_patches,
 )
 
@@ -81,61 +81,22 @@ def jpeg_gpu_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
     """
     if not is_jpeg(data):
         return "not jpeg"
-    n = len(data)
-    pos = 2
-    orientation = 1
-    adobe_transform: int | None = None
-    frame: tuple[int, bytes] | None = None
-    while True:
-        if pos + 4 > n:
-            return "truncated header"
-        if data[pos] != 0xFF:
-            return "malformed header"
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
-            pos += 2
-            continue
-        if marker == 0xD9:
-            return "no scan"
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if length < 2 or pos + 2 + length > n:
-            return "truncated header"
-        seg = bytes(data[pos + 4 : pos + 2 + length])
-        if marker == 0xDA:
-            break
-        if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
-            o = exif_orientation(seg[6:])
-            if o is None:
-                return "malformed exif"
-            orientation = o
-        elif marker == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:
-            adobe_transform = seg[11]
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
-            if frame is not None:
-                return "malformed header"
-            frame = (marker, seg)
-        pos += 2 + length
-    sos = pos
-    if frame is None or len(frame[1]) < 6:
-        return "malformed header"
-    marker, sof = frame
-    precision, components = sof[0], sof[5]
-    h, w = (sof[1] << 8) | sof[2], (sof[3] << 8) | sof[4]
-    if marker not in _SOF_GPU or precision != 8 or components not in (1, 3) or w == 0 or h == 0:
+    hdr = jpeg_header(data)
+    if isinstance(hdr, str):
+        return hdr
+    w, h, orientation, sos = hdr.width, hdr.height, hdr.orientation, hdr.sos
+    if hdr.frame not in _SOF_GPU or hdr.precision != 8 or hdr.components not in (1, 3) or w == 0 or h == 0:
         return "unusual jpeg"
-    if components == 3 and len(sof) >= 6 + 3 * 3:
-        ids = bytes(sof[6 + 3 * i] for i in range(3))
-        # RGB-coded (not YCbCr) JPEGs: libjpeg honours these signals, nvJPEG may not.
-        if adobe_transform == 0 or (adobe_transform is None and ids == b"RGB"):
-            return "unusual jpeg"
+    # RGB-coded (not YCbCr) JPEGs: libjpeg honours these signals, nvJPEG may not.
+    if hdr.components == 3 and (
+        hdr.adobe_transform == 0 or (hdr.adobe_transform is None and hdr.component_ids == b"RGB")
+    ):
+        return "unusual jpeg"
     if orientation != 1:
         return "exif orientation"
     if w * h > max_pixels:
         return "max pixels"  # the CPU path refuses it from the header, with its own message
-    if marker == 0xC2 and bytes(data).count(b"\xff\xda") > MAX_JPEG_SCANS:
+    if hdr.progressive and bytes(data).count(b"\xff\xda") > MAX_JPEG_SCANS:
         return "too many scans"
     # 0xFF in entropy-coded data is always stuffed (FF 00) or a restart marker (FF D0..D7): an FF D9 after
     # the first scan is an end-of-image marker. Without one the file is truncated (or lacks only its EOI,

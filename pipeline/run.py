@@ -287,18 +287,14 @@ def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict | None)
 
     Adds `unit` to every row and `unit_rows` (the unit's row count) to the rows of its last batch, which
     is held back one step for that; -1 elsewhere. The commit loop needs both (pipeline/commit.py).
-    `read_s` and `decode_s` carry each row's share of its batch's time to the per-stage report.
+    `read_s` (and DecodePatches' `decode_s`) carry each row's share of its batch's time to the per-stage
+    report.
     """
     read = ReadShards(**read_kwargs, rows_per_batch=DECODE_BATCH_ROWS)
     decode = DecodePatches(**decode_kwargs) if decode_kwargs is not None else None
 
-    def decoded(rows: dict) -> dict:
-        if decode is None:  # --decode gpu: the model actor decodes the bytes
-            return rows
-        start = time.perf_counter()
-        out = decode(rows)
-        out["decode_s"] = np.full(len(rows["key"]), (time.perf_counter() - start) / len(rows["key"]))
-        return out
+    def decoded(rows: dict) -> dict:  # --decode gpu: the model actor decodes the bytes
+        return rows if decode is None else decode(rows)
 
     for unit, shards_json in zip(batch["unit"], batch["shards"]):
         shards = json.loads(shards_json)

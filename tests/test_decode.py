@@ -237,6 +237,19 @@ def test_exif_rotate_90_clockwise_moves_top_left_to_top_right() -> None:
 # awkward formats and modes
 
 
+def test_jpeg_header_reads_the_frame_and_says_why_not() -> None:
+    data = encode(photo_like(120, 80), "JPEG", quality=90, progressive=True)
+    hdr = decode.jpeg_header(data)
+    assert not isinstance(hdr, str)
+    assert (hdr.width, hdr.height, hdr.components, hdr.precision, hdr.orientation) == (120, 80, 3, 8, 1)
+    assert hdr.progressive and hdr.frame == 0xC2 and data[hdr.sos : hdr.sos + 2] == b"\xff\xda"
+    rotated, _ = _with_orientation("JPEG", 6)
+    assert decode.jpeg_header(rotated).orientation == 6  # type: ignore[union-attr]
+    assert decode.jpeg_header(data[: hdr.sos - 5]) == "truncated header"
+    assert decode.jpeg_header(b"\xff\xd8\xff\xd9\x00\x00") == "no scan"
+    assert decode.jpeg_header(b"\xff\xd8\x00\x00\x00\x00") == "malformed header"
+
+
 def test_cmyk_jpeg_colour() -> None:
     data = encode(Image.new("CMYK", (64, 48), (255, 0, 0, 0)), "JPEG", quality=95)  # pure cyan
     r, g, b = solid(data)
@@ -472,7 +485,7 @@ def test_decode_patches_rows_errors_and_passthrough() -> None:
     }
     stage = DecodePatches(image_size=224, patch_size=16)
     out = stage(batch)
-    assert set(out) == {"key", "shard", "patches", "error"}
+    assert set(out) == {"key", "shard", "patches", "error", "decode_s"}
     assert list(out["key"]) == [r[0] for r in rows] and list(out["shard"]) == ["s0"] * len(rows)
     assert out["patches"].shape == (len(rows), 196, 768) and out["patches"].dtype == np.uint8
     err = out["error"]
@@ -485,7 +498,7 @@ def test_decode_patches_rows_errors_and_passthrough() -> None:
     assert np.all(out["patches"][5] == 255)
     for i in (1, 2, 3, 4, 6, 7):
         assert not out["patches"][i].any()
-    assert stage.stats["images"] == len(rows) and stage.stats["errors"] == 4 and stage.stats["seconds"] > 0
+    assert out["decode_s"].shape == (len(rows),) and (out["decode_s"] > 0).all()
 
 
 def test_decode_patches_empty_batch_and_small_sizes() -> None:
