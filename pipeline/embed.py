@@ -143,8 +143,8 @@ class EmbedPatches:
         logits = np.zeros((n, self.num_classes), self.logits_dtype) if self.num_classes else None
         if ok.any():
             try:
-                if patches is None:
-                    patches = np.ascontiguousarray(batch["patches"][ok])
+                if patches is None:  # all rows fine (the usual case): no copy of the batch's patches
+                    patches = np.ascontiguousarray(batch["patches"] if ok.all() else batch["patches"][ok])
                 emb, lg = self._forward(patches)
                 embedding[ok] = emb
                 if logits is not None and lg is not None:
