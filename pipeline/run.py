@@ -278,7 +278,8 @@ def make_units(shards: list[Shard], task_slots: float = 1.0) -> dict[int, list[S
 
 def decoded_block_bytes(image_size: int, rows: int = DECODE_BATCH_ROWS) -> int:
     """3/4 of `rows` decoded images' bytes (uint8 patches + ~256 B of key and bookkeeping): a batch of
-    `rows` exceeds it (so it is emitted at once) without reaching 1.5× (where Ray Data would split it)."""
+    `rows` exceeds it (so it is emitted at once) without reaching 1.5× (where Ray Data would split it).
+    With --decode gpu the rows carry encoded bytes, usually smaller: a block then holds a few batches."""
     return int(0.75 * rows * (image_size * image_size * 3 + 256))
 
 
