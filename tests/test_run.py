@@ -198,3 +198,31 @@ def test_decode_in_the_model_actor(tmp_path: Path, ray_local: None):
     assert summary.stage_seconds["decode"] > 0
     meta = footer_metadata(pq.ParquetFile(next(out.glob("*.parquet"))))
     assert meta["decode"].startswith("JPEG on the model's device")
+
+
+def test_the_placer_puts_single_and_multi_part_units_in_place(tmp_path: Path, ray_local: None):
+    """One part: moved by the driver's threads; several: merged by a Ray task. Same result either way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.run import _placer
+    from pipeline.sink import OutputSpec, ParquetSink
+
+    def rows(n: int, unit: int, total: int = -1) -> dict[str, np.ndarray]:
+        return {
+            "key": np.array([f"u{unit}/{i}" for i in range(n)], dtype=object),
+            "shard": np.array([f"u{unit}"] * n, dtype=object),
+            "embedding": np.ones((n, 4), np.float32),
+            "logits": np.ones((n, 2), np.float32),
+            "error": np.array([None] * n, dtype=object),
+            "unit": np.full(n, unit, np.int64),
+            "unit_rows": np.full(n, total, np.int64),
+        }
+
+    sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r1", {})
+    merged = sink.write_parts(rows(3, 0)) + sink.write_parts(rows(2, 0, total=5))
+    moved = sink.write_parts(rows(4, 1, total=4))
+    with ThreadPoolExecutor(2) as pool:
+        names = _placer(sink, pool)([merged, moved])
+    assert names == [sink.final_name(0), sink.final_name(1)]
+    assert [pq.read_metadata(tmp_path / n).num_rows for n in names] == [5, 4]
+    assert not list((tmp_path / "_staging").rglob("*.parquet"))
