@@ -59,18 +59,32 @@ IDLE_WORKER_KEEP_MS = 60_000
 MOVE_THREADS = 16  # the driver's threads for moving single-part units into place (S3 copies wait on I/O)
 
 
-BOUND_HINTS = {
-    "read": "Read-bound: the input storage or network is the limit; add CPU workers or nodes near the data.",
-    "decode": "Decode-bound: add CPU workers (or CPU nodes), or use a smaller --image-size.",
-    "embed": "Model-bound: add GPUs (one model actor each), raise --batch-size, or try --compile.",
-    "write": "Write-bound: the output storage is the limit.",
-}
-
-
-def bottleneck(stage_seconds: dict[str, float], task_slots: float, actors: int) -> str:
-    """The stage whose workers were busiest: CPU-task stages share `task_slots`, the model has `actors`."""
-    busy = {k: v / (actors if k == "embed" else task_slots) for k, v in stage_seconds.items()}
+def bottleneck(
+    stage_seconds: dict[str, float], task_slots: float, actors: int, decode_on_actors: bool = False
+) -> str:
+    """The stage whose workers were busiest: CPU-task stages share `task_slots`, the model (and, with
+    --decode gpu, decoding) runs on `actors`."""
+    on_actors = {"embed", "decode"} if decode_on_actors else {"embed"}
+    busy = {k: v / (actors if k in on_actors else task_slots) for k, v in stage_seconds.items()}
     return max(busy, key=lambda k: busy[k]) if busy else ""
+
+
+def bound_hint(bound: str, gpu_actors: bool, decode_on_actors: bool) -> str:
+    """One sentence on what to change when `bound` limits the run."""
+    if bound == "decode" and decode_on_actors:
+        return (
+            "Decode-bound on the model actors (--decode gpu): add GPUs, or decode on CPUs again (the "
+            "default) with more CPU workers."
+        )
+    if bound == "decode":
+        more = " or use --decode gpu (JPEG decoding on the GPU actors)" if gpu_actors else ""
+        return f"Decode-bound: add CPUs (more or larger CPU worker nodes){more}."
+    return {
+        "read": "Read-bound: the input storage or network is the limit; add CPU workers or nodes near the "
+        "data.",
+        "embed": "Model-bound: add GPUs (one model actor each), raise --batch-size, or try --compile.",
+        "write": "Write-bound: the output storage is the limit.",
+    }.get(bound, "")
 
 
 class JobFailed(RuntimeError):
@@ -129,6 +143,7 @@ class Summary:
     actors: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over the workers of a stage
     bound: str = ""  # the stage that limits the run
+    hint: str = ""  # what to change about it
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -143,7 +158,7 @@ class Summary:
             lines.append(f"Skipped {self.skipped} rows already written by earlier runs.")
         if self.stage_seconds:
             spent = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())
-            lines.append(f"Seconds per stage, all workers together: {spent}. {BOUND_HINTS[self.bound]}")
+            lines.append(f"Seconds per stage, all workers together: {spent}. {self.hint}".rstrip())
         lines += self.notes
         return "\n".join(lines)
 
@@ -461,6 +476,7 @@ def run(
     stats = committer.stats
     seconds = time.perf_counter() - start
     error_rate = stats.errors / stats.rows if stats.rows else 0.0
+    bound = bottleneck(stats.seconds, actors.task_slots, actors.size, decode_on_actors=config.decode == "gpu")
     summary = Summary(
         processed=stats.rows,
         skipped=plan_.skipped_rows,
@@ -474,7 +490,8 @@ def run(
         skipped_shards=plan_.skipped_shards,
         actors=actors.description,
         stage_seconds={k: round(v, 3) for k, v in stats.seconds.items()},
-        bound=bottleneck(stats.seconds, actors.task_slots, actors.size),
+        bound=bound,
+        hint=bound_hint(bound, "num_gpus" in actors.remote_args, config.decode == "gpu"),
     )
     run_ledger.finish(
         {

@@ -157,6 +157,8 @@ def test_fake_embedder_and_float16(tmp_path: Path, ray_local: None):
     assert set(summary.stage_seconds) == {"read", "decode", "embed", "write"}
     assert all(v >= 0 for v in summary.stage_seconds.values()) and summary.stage_seconds["decode"] > 0
     assert summary.bound in summary.stage_seconds
+    prefix = {"read": "Read", "decode": "Decode", "embed": "Model", "write": "Write"}[summary.bound]
+    assert summary.hint.startswith(prefix + "-bound") and summary.hint in summary.describe()
 
 
 def test_clear_errors_before_anything_runs(tmp_path: Path, s3_server: str, s3_bucket: str):

@@ -11,6 +11,7 @@ from pipeline.run import (
     MAX_FILES_PER_UNIT,
     MIN_FILES_PER_UNIT,
     bottleneck,
+    bound_hint,
     decoded_block_bytes,
     make_units,
 )
@@ -23,6 +24,16 @@ def test_bottleneck_weighs_stage_time_by_workers():
     assert bottleneck(seconds, task_slots=1, actors=1) == "decode"
     assert bottleneck(seconds, task_slots=15, actors=1) == "embed"  # 15 decode CPUs, one GPU
     assert bottleneck({}, task_slots=1, actors=1) == ""
+    # --decode gpu: decoding ran on the one actor, next to the model
+    assert bottleneck(seconds, task_slots=15, actors=1, decode_on_actors=True) == "decode"
+
+
+def test_hints_name_what_to_change():
+    assert "--decode gpu" in bound_hint("decode", gpu_actors=True, decode_on_actors=False)
+    assert "--decode gpu" not in bound_hint("decode", gpu_actors=False, decode_on_actors=False)
+    assert "add GPUs" in bound_hint("decode", gpu_actors=True, decode_on_actors=True)
+    assert bound_hint("embed", True, False).startswith("Model-bound")
+    assert bound_hint("", False, False) == ""
 
 
 def test_units_group_loose_files_by_cluster_size_and_keep_shards_alone():
