@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,12 @@ class EmbedPatches:
         """uint8 patches (numpy, or a tensor already on the device) → numpy embedding and logits."""
         import torch
 
-        x = patches if isinstance(patches, torch.Tensor) else torch.from_numpy(patches)
+        if isinstance(patches, torch.Tensor):
+            x = patches
+        else:  # Ray Data hands read-only (zero-copy) arrays; the model only reads its input
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                x = torch.from_numpy(patches)
         if self.device.type == "cuda" and x.device.type != "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         from vit.model import autocast

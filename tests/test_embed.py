@@ -36,6 +36,19 @@ def test_embed_matches_the_model_and_passes_errors_through():
     np.testing.assert_allclose(out["logits"][[0, 2, 4]], logits.numpy(), atol=1e-5)
 
 
+def test_read_only_patches_as_ray_data_hands_them_give_the_same_rows_without_a_warning():
+    import warnings
+
+    stage = EmbedPatches(SPEC, device="cpu", cpu_threads=1)
+    batch = _batch(3, bad=set())
+    expected = stage(batch)
+    batch["patches"].flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = stage(batch)
+    np.testing.assert_array_equal(out["embedding"], expected["embedding"])
+
+
 def test_all_error_batch_skips_the_model():
     out = EmbedPatches(SPEC, device="cpu", embedding_dtype="float16")(_batch(3, bad={0, 1, 2}))
     assert out["embedding"].dtype == np.float16 and not out["embedding"].any()
