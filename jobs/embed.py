@@ -174,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # storage unreachable or not writable (listing errors are InputErrors already)
         print(f"error: could not access {args.output!r} or {args.input!r}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the run broke off (a lost cluster, Ray Data's no-progress timeout, a bug)
+        logging.getLogger("jobs.embed").info("the run stopped", exc_info=True)  # shown with --verbose
+        print(
+            f"error: the run stopped: {type(e).__name__}: {e}. Units committed so far are kept; run the "
+            "same command again to do the rest (add --verbose for the traceback).",
+            file=sys.stderr,
+        )
+        return 3
     print(summary.describe())
     if not config.output.startswith("s3://"):
         print(

@@ -60,6 +60,21 @@ def test_cannot_run_exits_2_with_one_sentence(tmp_path: Path, args: list[str], e
     assert not (tmp_path / "o").exists(), "a run that cannot start must not write anything"
 
 
+def test_a_run_that_breaks_off_exits_3_and_says_to_run_again(tmp_path, monkeypatch, capsys):
+    import pipeline.run
+    from jobs.embed import main
+
+    def broken(config):
+        raise RuntimeError("the cluster went away")
+
+    monkeypatch.setattr(pipeline.run, "run", broken)
+    make_sample(tmp_path / "in", n=2)
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), *SMALL])
+    assert code == 3
+    line = _one_sentence(capsys.readouterr().err)
+    assert "RuntimeError: the cluster went away" in line and "run the same command again" in line
+
+
 def test_missing_weights_flag_is_a_usage_error(tmp_path: Path):
     proc = _job("--input", "in", "--output", "o", cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and "--weights is required" in proc.stderr
