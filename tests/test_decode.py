@@ -108,9 +108,10 @@ def test_jpeg_fast_path_matches_torchvision(size: tuple[int, int]) -> None:
         ((500, 375), 30.5),  # 1.46
         ((375, 500), 30.5),  # 1.46, portrait
         ((526, 395), 30),  # 1.54
-        ((640, 480), 40),  # 1.88
+        ((600, 450), 38),  # 1.76 (225 would be below 0.9 × 256: no DCT scaling)
+        ((640, 480), 31),  # 1/2 DCT to 240, then 0.94: upsampling
         ((1024, 768), 32),  # 1/2 DCT, then 1.5
-        ((1300, 975), 40),  # 1/2 DCT, then 1.9
+        ((1300, 975), 31),  # 1/4 DCT to 244, then 0.95: upsampling
         ((1366, 1024), 28.5),  # 1/4 DCT, then 1.0
         ((300, 200), 42),  # 0.78: upsampling
     ],
