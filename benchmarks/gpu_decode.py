@@ -16,33 +16,21 @@ decoder through the same code (a smoke test of the script, not a figure for the 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from decode import jpeg, psnr  # benchmarks/decode.py, beside this script
 
 from pipeline.decode import to_patches
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.sample import photo_array
-
-
-def jpeg(a: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def sync(device: str) -> None:

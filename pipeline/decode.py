@@ -250,7 +250,7 @@ def _decode_resize_crop(
                     f"cannot decode image: progressive JPEG with {scans} scans, more than {MAX_JPEG_SCANS} "
                     "(a decode-time bomb)"
                 )
-            if _turbo_capable(hdr):
+            if hdr.common:
                 arr, k = _decode_jpeg_turbo(data, w, h, resize_size)
                 if arr is not None:
                     if orientation >= 5:
@@ -286,6 +286,12 @@ class JpegHeader(NamedTuple):
     @property
     def progressive(self) -> bool:
         return self.frame in (0xC2, 0xC6, 0xCA, 0xCE)
+
+    @property
+    def common(self) -> bool:
+        """An 8-bit Huffman-coded (baseline, extended or progressive) grey or three-component frame: what
+        libjpeg-turbo's fast path here and nvJPEG (pipeline/gpu_decode.py) both take."""
+        return self.frame in (0xC0, 0xC1, 0xC2) and self.precision == 8 and self.components in (1, 3)
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (C4: DHT, C8: JPG, CC: DAC)
@@ -350,11 +356,6 @@ def jpeg_header(data: bytes | memoryview) -> JpegHeader | str:
         component_ids=ids,
         sos=pos,
     )
-
-
-def _turbo_capable(hdr: JpegHeader) -> bool:
-    """libjpeg-turbo through simplejpeg: 8-bit Huffman-coded grey or three-component frames."""
-    return hdr.frame in (0xC0, 0xC1, 0xC2) and hdr.precision == 8 and hdr.components in (1, 3)
 
 
 def exif_orientation(tiff: bytes) -> int | None:

@@ -64,7 +64,6 @@ MAX_JPEG_SCANS = 500  # as pipeline.decode: more scans than this is a decode-tim
 DEFAULT_BATCH_PIXELS = 256 * 2**20  # decoded pixels per batched decode call (768 MiB of uint8 RGB)
 _RESIZE_PIXELS = 32 * 2**20  # input pixels per float32 resize call (384 MiB of float32 RGB)
 _MAX_CROP_AREA = 16  # resized image larger than this many crops (aspect ratio beyond ~12:1): CPU path
-_SOF_GPU = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman)
 _NO_BYTES = "cannot decode image: the row has no image bytes"
 
 
@@ -85,7 +84,7 @@ def jpeg_gpu_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
     if isinstance(hdr, str):
         return hdr
     w, h, orientation, sos = hdr.width, hdr.height, hdr.orientation, hdr.sos
-    if hdr.frame not in _SOF_GPU or hdr.precision != 8 or hdr.components not in (1, 3) or w == 0 or h == 0:
+    if not hdr.common or w == 0 or h == 0:
         return "unusual jpeg"
     # RGB-coded (not YCbCr) JPEGs: libjpeg honours these signals, nvJPEG may not.
     if hdr.components == 3 and (

@@ -476,7 +476,8 @@ def run(
     stats = committer.stats
     seconds = time.perf_counter() - start
     error_rate = stats.errors / stats.rows if stats.rows else 0.0
-    bound = bottleneck(stats.seconds, actors.task_slots, actors.size, decode_on_actors=config.decode == "gpu")
+    on_actors = config.decode == "gpu"  # decode time was spent in the model actors
+    bound = bottleneck(stats.seconds, actors.task_slots, actors.size, decode_on_actors=on_actors)
     summary = Summary(
         processed=stats.rows,
         skipped=plan_.skipped_rows,
@@ -491,7 +492,7 @@ def run(
         actors=actors.description,
         stage_seconds={k: round(v, 3) for k, v in stats.seconds.items()},
         bound=bound,
-        hint=bound_hint(bound, "num_gpus" in actors.remote_args, config.decode == "gpu"),
+        hint=bound_hint(bound, "num_gpus" in actors.remote_args, on_actors),
     )
     run_ledger.finish(
         {

@@ -50,6 +50,19 @@ def _keys(out: Path) -> list[str]:
     return pads.dataset(str(out), format="parquet").to_table(columns=["key"])["key"].to_pylist()
 
 
+def _small_config(src: Path, out: Path, batch_size: int) -> JobConfig:
+    """The tests' job in-process: a tiny model at 32 px, a commit after every part."""
+    return JobConfig(
+        input=str(src),
+        output=str(out),
+        model="vit_ti_16",
+        weights="random",
+        image_size=32,
+        batch_size=batch_size,
+        commit_interval_s=0,
+    )
+
+
 def _job(cwd: Path, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -90,15 +103,7 @@ def test_a_killed_model_actor_is_replaced_and_no_row_is_lost(tmp_path: Path, ray
                 os._exit(1)  # the actor's process dies mid-batch
             return super().__call__(batch)
 
-    cfg = JobConfig(
-        input=str(src),
-        output=str(out),
-        model="vit_ti_16",
-        weights="random",
-        image_size=32,
-        batch_size=4,
-        commit_interval_s=0,
-    )
+    cfg = _small_config(src, out, batch_size=4)
     summary = run(cfg, embedder=DiesOnce, embedder_kwargs=FAKE)
     assert marker.exists()
     assert sorted(_keys(out)) == sorted(expected)
@@ -123,15 +128,7 @@ def test_a_removed_worker_node_does_not_lose_rows(tmp_path: Path):
             started.touch()
             return super().__call__(batch)
 
-    cfg = JobConfig(
-        input=str(src),
-        output=str(out),
-        model="vit_ti_16",
-        weights="random",
-        image_size=32,
-        batch_size=2,
-        commit_interval_s=0,
-    )
+    cfg = _small_config(src, out, batch_size=2)
     result: dict = {}
 
     def job() -> None:
