@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def ray_head():
         yield f"http://127.0.0.1:{dash}", env
     finally:
         _stop(temp_dir, f":{gcs}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_job(tmp_path: Path, ray_head):
