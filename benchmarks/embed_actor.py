@@ -24,13 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from model import sync  # benchmarks/model.py, beside this script
+
 from pipeline.embed import EmbedPatches, ModelSpec
 from vit.model import PRESETS, autocast
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def batch_of(n: int, num_patches: int, patch_dim: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
