@@ -4,7 +4,10 @@ model's forward alone on a batch already on the device, in the same process.
 
 The gap between the two is the actor's own cost per batch: the host→device copy (pinned, non-blocking),
 the device→host copy of the outputs and the numpy work around them. Ray Data's batching (Arrow → numpy) is
-not included: run benchmarks/pipeline.py for that.
+not included: run benchmarks/pipeline.py for that. The actor is timed twice: as the pipeline runs it (on a
+GPU the batch in `pipeline.embed.CUDA_PIECES` pieces, each piece's copy overlapping the model's work on the
+previous one) and with the batch in one piece (copy, then compute), and its rows are checked against the
+forward alone.
 
     python benchmarks/embed_actor.py --preset vit_b_16 --batch-size 512                 # on a GPU
     python benchmarks/embed_actor.py --preset vit_b_16 --batch-size 512 --compile
@@ -92,7 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
         assert out["embedding"].shape == (args.batch_size, cfg.hidden_dim)
 
     fwd = timed(forward_only, args.iters, args.warmup, device)
+    pieces = actor.pieces
     act = timed(actor_call, args.iters, args.warmup, device)
+    actor.pieces = 1
+    act_whole = timed(actor_call, args.iters, args.warmup, device)
+    actor.pieces = pieces
+    with torch.inference_mode(), autocast(device):
+        reference = actor.model.forward_patches(on_device)[0].float().cpu().numpy()
+    rows = actor(batches[0])["embedding"].astype(np.float32)
+    worst = float(np.abs(rows - reference).max())
     cpu_name = f"CPU ({torch.get_num_threads()} threads)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
     result = {
@@ -104,11 +115,18 @@ def main(argv: list[str] | None = None) -> dict:
         "forward_only_img_s": round(args.batch_size / fwd, 1),
         "actor_img_s": round(args.batch_size / act, 1),
         "actor_over_forward": round(fwd / act, 3),
+        "pieces": pieces,
+        "actor_one_piece_img_s": round(args.batch_size / act_whole, 1),
+        "pieces_over_one_piece": round(act_whole / act, 3),
+        "max_abs_diff_vs_forward": worst,
     }
     print(
         f"{args.preset} batch {args.batch_size}{' compiled' if args.compile else ''} on {name}: "
         f"forward alone {result['forward_only_img_s']:,.0f} img/s; EmbedPatches (numpy in/out) "
-        f"{result['actor_img_s']:,.0f} img/s = {result['actor_over_forward']:.0%} of it"
+        f"{result['actor_img_s']:,.0f} img/s = {result['actor_over_forward']:.0%} of it, in {pieces} "
+        f"piece(s); in one piece {result['actor_one_piece_img_s']:,.0f} img/s (pieces: "
+        f"{result['pieces_over_one_piece']:.2f}× that); embedding vs the forward alone: "
+        f"max |diff| {worst:.2g} ({args.dtype} output)"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

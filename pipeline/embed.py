@@ -19,6 +19,11 @@ from pipeline.rows import error_column, ok_mask
 
 log = logging.getLogger(__name__)
 
+# On a GPU a batch is embedded in this many pieces so that copying a piece into pinned memory and on to the
+# device (CPU memcpy, then a copy engine) overlaps the model's work on the previous piece, instead of the
+# GPU waiting for the whole batch's copy. On the CPU there is nothing to overlap: one piece.
+CUDA_PIECES = 4
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -79,6 +84,7 @@ class EmbedPatches:
         cpu_threads: int | None = None,
         compile: bool = False,
         decode: dict | None = None,
+        pieces: int | None = None,
     ) -> None:
         import torch
 
@@ -87,6 +93,8 @@ class EmbedPatches:
         if device == "cpu" and cpu_threads:
             torch.set_num_threads(max(1, int(cpu_threads)))
         self.device = torch.device(device)
+        self.pieces = max(1, pieces or (CUDA_PIECES if self.device.type == "cuda" else 1))
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.loaded = spec.load()
         from vit.model import compile_model
 
@@ -104,8 +112,15 @@ class EmbedPatches:
         log.info("model %s ready on %s", spec.preset, self.device)
 
     def _forward(self, patches: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 patches (numpy, or a tensor already on the device) → numpy embedding and logits."""
+        """uint8 patches (numpy, or a tensor already on the device) → numpy embedding and logits.
+
+        The batch goes through the model in `self.pieces` pieces: each piece's host→device copy is
+        queued on a copy stream while the GPU still works on the previous piece, and results come back
+        to the host once, at the end (one synchronization per batch).
+        """
         import torch
+
+        from vit.model import autocast
 
         if isinstance(patches, torch.Tensor):
             x = patches
@@ -113,14 +128,32 @@ class EmbedPatches:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 x = torch.from_numpy(patches)
-        if self.device.type == "cuda" and x.device.type != "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        from vit.model import autocast
-
+        pieces = x.split(-(-len(x) // self.pieces)) if len(x) else (x,)
+        outs = []
         with torch.inference_mode(), autocast(self.device):  # bf16 on GPU, fp32 on CPU
-            cls, logits = self.model.forward_patches(x)
-        emb = cls.float().cpu().numpy()
-        return emb, (None if logits is None else logits.float().cpu().numpy())
+            staged = self._to_device(pieces[0])
+            for i in range(len(pieces)):
+                outs.append(self.model.forward_patches(staged))  # on a GPU: queued, the host goes on
+                if i + 1 < len(pieces):  # so the next piece is pinned and copied while the GPU works
+                    staged = self._to_device(pieces[i + 1])
+            cls = torch.cat([c for c, _ in outs]).float().cpu()
+            heads = [lg for _, lg in outs if lg is not None]
+            logits = torch.cat(heads).float().cpu() if heads else None
+        return cls.numpy(), (None if logits is None else logits.numpy())
+
+    def _to_device(self, piece: Any) -> Any:
+        """A CPU piece → the device: pinned, copied on the copy stream; the compute stream waits for it."""
+        import torch
+
+        if self._copy_stream is None or piece.device.type != "cpu":  # CPU model, or decoded on the GPU
+            return piece.to(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        host = piece.pin_memory()  # the caching host allocator keeps it alive until the copy is done
+        with torch.cuda.stream(self._copy_stream):
+            on_device = host.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)  # queued, not waited for here: the host goes on
+        on_device.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+        return on_device
 
     def _decode(self, batch: dict[str, np.ndarray], errors: np.ndarray) -> tuple[Any, dict]:
         """Decodes the batch's bytes on the device; rows that fail get their error. Returns the patches

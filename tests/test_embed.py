@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.embed import EmbedPatches, FakeEmbedPatches, ModelSpec
@@ -34,6 +35,19 @@ def test_embed_matches_the_model_and_passes_errors_through():
         cls, logits = model.forward_patches(torch.from_numpy(batch["patches"][[0, 2, 4]]))
     np.testing.assert_allclose(out["embedding"][[0, 2, 4]], cls.numpy(), atol=1e-5)
     np.testing.assert_allclose(out["logits"][[0, 2, 4]], logits.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, pieces", [(7, 3), (2, 4), (5, 1)])
+def test_a_batch_embedded_in_pieces_gives_the_rows_of_one_piece(rows: int, pieces: int):
+    """On a GPU a batch goes through the model in pieces (copy of one overlapping compute of the other);
+    the rows are the same whatever the split: uneven pieces, fewer rows than pieces, error rows between."""
+    whole = EmbedPatches(SPEC, device="cpu", cpu_threads=1, pieces=1)
+    split = EmbedPatches(SPEC, device="cpu", cpu_threads=1, pieces=pieces)
+    batch = _batch(rows, bad={1})
+    a, b = whole(dict(batch)), split(dict(batch))
+    np.testing.assert_allclose(b["embedding"], a["embedding"], atol=1e-5)
+    np.testing.assert_allclose(b["logits"], a["logits"], atol=1e-5)
+    assert list(b["error"]) == list(a["error"]) and not b["embedding"][1].any()
 
 
 def test_read_only_patches_as_ray_data_hands_them_give_the_same_rows_without_a_warning():
