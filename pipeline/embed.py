@@ -128,7 +128,8 @@ class EmbedPatches:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 x = torch.from_numpy(patches)
-        pieces = x.split(-(-len(x) // self.pieces)) if len(x) else (x,)
+        n = self.pieces if x.device.type == "cpu" else 1  # decoded on the device: no copy to overlap
+        pieces = x.split(-(-len(x) // n)) if len(x) else (x,)
         outs = []
         with torch.inference_mode(), autocast(self.device):  # bf16 on GPU, fp32 on CPU
             staged = self._to_device(pieces[0])
