@@ -58,7 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-column", default="image", help="Parquet inputs: the column with image bytes")
     p.add_argument("--key-column", default=None, help="Parquet inputs: a column to use as the row key")
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per model call (default: 256 on GPU actors, 64 on CPU)",
+    )
     p.add_argument("--embedding-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--logits-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument(

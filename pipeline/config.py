@@ -26,7 +26,7 @@ class JobConfig:
     image_column: str = "image"
     key_column: str | None = None
     image_size: int | None = None  # None: the preset's size
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 256 per call on GPU actors, 64 on CPU (pipeline.run.actor_stage)
     embedding_dtype: str = "float32"
     logits_dtype: str = "float32"
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
@@ -49,7 +49,10 @@ class JobConfig:
             (bool(self.input), "--input is required: a local directory or s3://bucket/prefix."),
             (bool(self.output), "--output is required: a local directory or s3://bucket/prefix."),
             (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}."),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}."),
+            (
+                self.batch_size is None or self.batch_size >= 1,
+                f"--batch-size must be at least 1, not {self.batch_size}.",
+            ),
             (
                 self.embedding_dtype in DTYPES,
                 f"--embedding-dtype must be float32 or float16, not {self.embedding_dtype!r}.",

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # device (CPU memcpy, then a copy engine) overlaps the model's work on the previous piece, instead of the
 # GPU waiting for the whole batch's copy. On the CPU there is nothing to overlap: one piece.
 CUDA_PIECES = 4
+MIN_PIECE_ROWS = 128  # smaller pieces would cost the model more per image than the overlap saves
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ class EmbedPatches:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 x = torch.from_numpy(patches)
-        n = self.pieces if x.device.type == "cpu" else 1  # decoded on the device: no copy to overlap
+        # At most `self.pieces` pieces of at least MIN_PIECE_ROWS; one when the patches were decoded on the
+        # device (no copy to overlap).
+        n = min(self.pieces, max(1, len(x) // MIN_PIECE_ROWS)) if x.device.type == "cpu" else 1
         pieces = x.split(-(-len(x) // n)) if len(x) else (x,)
         outs = []
         with torch.inference_mode(), autocast(self.device):  # bf16 on GPU, fp32 on CPU

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.embed import EmbedPatches, FakeEmbedPatches, ModelSpec
+import pipeline.embed as embed_module
+from pipeline.embed import MIN_PIECE_ROWS, EmbedPatches, FakeEmbedPatches, ModelSpec
 
 SPEC = ModelSpec(preset="vit_ti_16", weights="random", image_size=32, seed=3)
 
@@ -38,9 +39,10 @@ def test_embed_matches_the_model_and_passes_errors_through():
 
 
 @pytest.mark.parametrize("rows, pieces", [(7, 3), (2, 4), (5, 1)])
-def test_a_batch_embedded_in_pieces_gives_the_rows_of_one_piece(rows: int, pieces: int):
+def test_a_batch_embedded_in_pieces_gives_the_rows_of_one_piece(monkeypatch, rows: int, pieces: int):
     """On a GPU a batch goes through the model in pieces (copy of one overlapping compute of the other);
     the rows are the same whatever the split: uneven pieces, fewer rows than pieces, error rows between."""
+    monkeypatch.setattr(embed_module, "MIN_PIECE_ROWS", 1)
     whole = EmbedPatches(SPEC, device="cpu", cpu_threads=1, pieces=1)
     split = EmbedPatches(SPEC, device="cpu", cpu_threads=1, pieces=pieces)
     batch = _batch(rows, bad={1})
@@ -48,6 +50,22 @@ def test_a_batch_embedded_in_pieces_gives_the_rows_of_one_piece(rows: int, piece
     np.testing.assert_allclose(b["embedding"], a["embedding"], atol=1e-5)
     np.testing.assert_allclose(b["logits"], a["logits"], atol=1e-5)
     assert list(b["error"]) == list(a["error"]) and not b["embedding"][1].any()
+
+
+@pytest.mark.parametrize("rows, calls", [(MIN_PIECE_ROWS - 1, 1), (2 * MIN_PIECE_ROWS + 5, 2)])
+def test_pieces_are_never_smaller_than_min_piece_rows(rows: int, calls: int):
+    stage = EmbedPatches(SPEC, device="cpu", cpu_threads=1, pieces=4)
+    sizes = []
+    forward = stage.model.forward_patches
+
+    def counted(x):
+        sizes.append(len(x))
+        return forward(x)
+
+    stage.model.forward_patches = counted  # type: ignore[method-assign]
+    out = stage(_batch(rows, bad=set()))
+    assert len(sizes) == calls and sum(sizes) == rows and min(sizes) >= min(rows, MIN_PIECE_ROWS)
+    assert out["embedding"].shape == (rows, 192)
 
 
 def test_read_only_patches_as_ray_data_hands_them_give_the_same_rows_without_a_warning():

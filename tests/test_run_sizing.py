@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
 from pipeline.run import (
+    CPU_BATCH_SIZE,
     DECODE_BATCH_ROWS,
+    GPU_BATCH_SIZE,
     MAX_FILES_PER_UNIT,
     MIN_FILES_PER_UNIT,
+    actor_stage,
     bottleneck,
     bound_hint,
     decoded_block_bytes,
@@ -74,3 +80,21 @@ def test_a_decoded_batch_leaves_the_task_as_one_block(image_size: int):
     size = BlockAccessor.for_block(BlockAccessor.batch_to_block(out)).size_bytes()
     target = decoded_block_bytes(image_size)
     assert target < size < 1.5 * target
+
+
+@pytest.mark.parametrize(
+    "gpus, batch_size, expected",
+    [(2, None, GPU_BATCH_SIZE), (0, None, CPU_BATCH_SIZE), (2, 32, 32), (0, 512, 512)],
+)
+def test_model_batch_size_defaults_by_actor_kind(monkeypatch, gpus: int, batch_size, expected: int):
+    """GPU actors get large batches unless --batch-size says otherwise; CPU actors smaller ones."""
+    import ray
+
+    resources = {"CPU": 8.0, **({"GPU": float(gpus)} if gpus else {})}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": resources}])
+    config = JobConfig(input="in", output="out", batch_size=batch_size)
+    stage = actor_stage(config, SimpleNamespace(num_params=1000))  # type: ignore[arg-type]
+    assert stage.batch_size == expected
+    assert f"{expected} images per call" in stage.description
+    assert stage.size == (gpus or 1) and ("num_gpus" in stage.remote_args) == bool(gpus)
