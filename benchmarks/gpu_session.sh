@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of issue #5 in one run, for a session that is lent a GPU machine (15 minutes of device
-# time in all; this takes ~5-9 minutes, at most 535 s of timeouts). The machine has torch, torchvision,
+# time in all; this takes ~5-9 minutes, at most 545 s of timeouts). The machine has torch, torchvision,
 # opencv, pillow and pyarrow but not simplejpeg (pipeline/decode.py needs it): carry its wheel. Here, once,
 # in the repo root:
 #
@@ -36,11 +36,12 @@ nvidia-smi -L 2>/dev/null
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 # Target 2: the model alone, fp32/bf16 x eager/compile, each batch copied host→device inside the timing.
-run model 240 $PY benchmarks/model.py --preset $PRESET --batch-size $BATCH --all --transfer $ITERS \
+run model 220 $PY benchmarks/model.py --preset $PRESET --batch-size $BATCH --all --transfer $ITERS \
   --json "$OUT/model.json"
-# The model stage as the pipeline calls it (numpy in/out), eager and compiled.
+# The model stage as the pipeline calls it (numpy in/out), eager and compiled; each also in one piece (the
+# compiled one compiles for two batch shapes: 512 and the 128-image pieces).
 run actor 75 $PY benchmarks/embed_actor.py --preset $PRESET --batch-size $BATCH $ITERS --json "$OUT/actor.json"
-run actor_compiled 120 $PY benchmarks/embed_actor.py --preset $PRESET --batch-size $BATCH --compile $ITERS \
+run actor_compiled 150 $PY benchmarks/embed_actor.py --preset $PRESET --batch-size $BATCH --compile $ITERS \
   --json "$OUT/actor_compiled.json"
 # --decode gpu: nvJPEG decode + resize + crop + patchify, against the CPU path; PSNR between them.
 run gpu_decode 100 $PY benchmarks/gpu_decode.py $IMAGES --json "$OUT/gpu_decode.json"
