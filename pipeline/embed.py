@@ -19,9 +19,9 @@ from pipeline.rows import error_column, ok_mask
 
 log = logging.getLogger(__name__)
 
-# On a GPU a batch is embedded in this many pieces so that copying a piece into pinned memory and on to the
-# device (CPU memcpy, then a copy engine) overlaps the model's work on the previous piece, instead of the
-# GPU waiting for the whole batch's copy. On the CPU there is nothing to overlap: one piece.
+# On a GPU a batch is embedded in up to this many pieces so that copying a piece into pinned memory and
+# on to the device (CPU memcpy, then a copy engine) overlaps the model's work on the previous piece,
+# instead of the GPU waiting for the whole batch's copy. On the CPU there is nothing to overlap: one piece.
 CUDA_PIECES = 4
 MIN_PIECE_ROWS = 128  # smaller pieces would cost the model more per image than the overlap saves
 
@@ -115,7 +115,7 @@ class EmbedPatches:
     def _forward(self, patches: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 patches (numpy, or a tensor already on the device) → numpy embedding and logits.
 
-        The batch goes through the model in `self.pieces` pieces: each piece's host→device copy is
+        The batch goes through the model in up to `self.pieces` pieces: each piece's host→device copy is
         queued on a copy stream while the GPU still works on the previous piece, and results come back
         to the host once, at the end (one synchronization per batch).
         """
