@@ -48,6 +48,7 @@ import numpy as np
 
 from pipeline.decode import (
     DEFAULT_MAX_PIXELS,
+    MAX_JPEG_SCANS,
     DecodeError,
     as_bytes,
     check_sizes,
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_BATCH_PIXELS", "MAX_JPEG_SCANS", "GpuDecoder", "is_jpeg", "jpeg_gpu_size"]
 
-MAX_JPEG_SCANS = 500  # as pipeline.decode: more scans than this is a decode-time bomb (the CPU path refuses)
 DEFAULT_BATCH_PIXELS = 256 * 2**20  # decoded pixels per batched decode call (768 MiB of uint8 RGB)
 _RESIZE_PIXELS = 32 * 2**20  # input pixels per float32 resize call (384 MiB of float32 RGB)
 _MAX_CROP_AREA = 16  # resized image larger than this many crops (aspect ratio beyond ~12:1): CPU path
