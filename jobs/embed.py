@@ -22,7 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python jobs/embed.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
-from pipeline.config import DEFAULT_MAX_ERROR_RATE, FORMATS, ConfigError, JobConfig  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    CPU_BATCH_SIZE,
+    DEFAULT_MAX_ERROR_RATE,
+    FORMATS,
+    GPU_BATCH_SIZE,
+    ConfigError,
+    JobConfig,
+)
 
 DEMO_INPUT = "data/sample"
 DEMO_OUTPUT = "out/demo"
@@ -62,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=None,
-        help="images per model call (default: 256 on GPU actors, 64 on CPU)",
+        help=f"images per model call (default: {GPU_BATCH_SIZE} on GPU actors, {CPU_BATCH_SIZE} on CPU)",
     )
     p.add_argument("--embedding-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--logits-dtype", default="float32", choices=("float32", "float16"))

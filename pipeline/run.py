@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.commit import Committer
-from pipeline.config import JobConfig
+from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodePatches, check_sizes
 from pipeline.embed import EmbedPatches, ModelSpec
 from pipeline.ledger import Ledger, RunLedger
@@ -44,10 +44,6 @@ MIN_FILES_PER_UNIT = 256
 MAX_FILES_PER_UNIT = 4096
 UNITS_PER_SLOT = 4
 MAX_INPUT_BLOCKS = 10_000
-# Images per model call unless --batch-size says otherwise: a GPU wants large batches (the H100 figures in
-# benchmarks/ are at 512; 256 keeps ViT-H/14 well inside a 16 GB card); on CPUs larger batches gain nothing.
-GPU_BATCH_SIZE = 256
-CPU_BATCH_SIZE = 64
 DECODE_BATCH_ROWS = 256  # images per batch that a read+decode task emits (ReadShards' rows_per_batch)
 WRITE_BATCH_ROWS = 4096  # rows per write call: parts of about this size, merged per unit at commit
 # Writing is mostly I/O and must never wait for a CPU held by decode tasks: without its own CPU a write

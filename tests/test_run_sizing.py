@@ -7,12 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.config import JobConfig
+from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, JobConfig
 from pipeline.decode import DecodePatches
 from pipeline.run import (
-    CPU_BATCH_SIZE,
     DECODE_BATCH_ROWS,
-    GPU_BATCH_SIZE,
     MAX_FILES_PER_UNIT,
     MIN_FILES_PER_UNIT,
     actor_stage,
