@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from pipeline.sink import STAGING_DIR, make_dirs, write_json
-from pipeline.sources import resolve_uri
+from pipeline.storage import resolve_uri
 
 log = logging.getLogger(__name__)
 

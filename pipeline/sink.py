@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.rows import error_column, ok_mask
-from pipeline.sources import resolve_uri
+from pipeline.storage import resolve_uri
 
 log = logging.getLogger(__name__)
 

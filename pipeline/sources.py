@@ -41,12 +41,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipeline.storage import InputError, resolve_uri
+from pipeline.storage import describe as _describe
 
 log = logging.getLogger(__name__)
 
@@ -60,94 +62,8 @@ _IMAGE_RANK = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 DEFAULT_MAX_PENDING_BYTES = 1024 * 2**20
 STREAM_BUFFER_BYTES = 8 * 2**20  # one ranged GET per 8 MiB when streaming a tar from S3
-S3_MAX_ATTEMPTS = 5
-S3_CONNECT_TIMEOUT_S = 10.0
-S3_REQUEST_TIMEOUT_S = 60.0  # a stalled transfer fails (and is retried) instead of hanging forever
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 T = TypeVar("T")
-
-
-class InputError(ValueError):
-    """The input cannot be read at all; the message is one sentence a user can act on."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# URIs and filesystems
-
-
-def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Maps a local path, ``file://`` URI or ``s3://bucket/prefix`` to (filesystem, path in it).
-
-    Does not check that the path exists (outputs use it too). The S3 filesystem takes its settings from the
-    standard AWS environment: ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (e.g. MinIO), ``AWS_REGION`` or
-    ``AWS_DEFAULT_REGION``, and credentials through the SDK's default chain (environment, profile, instance).
-    """
-    if not isinstance(uri, str) or not uri.strip():
-        raise InputError("No input given: pass a local directory or an s3://bucket/prefix URI.")
-    uri = uri.strip()
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), _local_path(uri)
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise InputError(f"Cannot use {uri!r}: file:// URIs must name a local path (file:///abs/path).")
-        return pafs.LocalFileSystem(), _local_path(unquote(parsed.path))
-    if scheme == "s3":
-        bucket = parsed.netloc
-        if not bucket:
-            raise InputError(f"Cannot use {uri!r}: an S3 URI needs a bucket, as in s3://bucket/prefix.")
-        prefix = unquote(parsed.path).strip("/")
-        return s3_filesystem(), f"{bucket}/{prefix}" if prefix else bucket
-    raise InputError(
-        f"Cannot use {uri!r}: the scheme {scheme!r} is not supported; use a local path or s3://bucket/prefix."
-    )
-
-
-def _local_path(path: str) -> str:
-    path = os.path.abspath(os.path.expanduser(path))
-    return path if path == "/" else path.rstrip("/")
-
-
-def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3FileSystem configured from the AWS environment, with retries and timeouts.
-
-    pyarrow's ``S3FileSystem()`` constructor ignores ``AWS_ENDPOINT_URL`` (only ``FileSystem.from_uri``
-    reads it), so the endpoint is parsed here. No credential is passed explicitly: the SDK's default chain
-    reads them, and nothing secret ends up in a pickled filesystem.
-    """
-    kwargs: dict[str, Any] = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
-        "connect_timeout": S3_CONNECT_TIMEOUT_S,
-        "request_timeout": S3_REQUEST_TIMEOUT_S,
-    }
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "").strip()
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise InputError(f"AWS_ENDPOINT_URL={endpoint!r} is not an http(s) URL such as http://host:9000.")
-        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-        kwargs["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**kwargs)
-
-
-def _redact(text: str) -> str:
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
-def _describe(exc: BaseException, limit: int = 400) -> str:
-    """``ExceptionClass: message`` on one line, secrets removed, bounded length."""
-    msg = " ".join(str(exc).split())
-    text = _redact(f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from PIL import Image
 from pipeline.config import JobConfig
 from pipeline.run import run
 from pipeline.sample import encode, photo_like
-from pipeline.sources import resolve_uri
+from pipeline.storage import resolve_uri
 from tests.conftest import TEST_AWS_ENV
 from tests.s3_proxy import FAULTS, FaultProxy
 
