@@ -1,31 +1,25 @@
-"""The output directory's ledger: which units of work are committed, by which run, with which model.
+"""The output's ledger: which units of work are committed, by which run, with which model.
 
     _runs/<run_id>/run.json              identity (model, weights sha256, preprocessing), written at start
-    _runs/<run_id>/commit-<seq>.json     one per commit: the data files moved into place and the input
-                                         shards they complete (rel path, rows, errors); written after the
-                                         files are in place, so it is the commit point
+    _runs/<run_id>/commit-<seq>.json     one per commit: for each unit, its staged file, the data file it
+                                         becomes, and the input shards it completes (rel, rows, errors);
+                                         written BEFORE the staged files are moved into place, so it is the
+                                         commit point and every data file a reader sees is committed
     _runs/<run_id>/summary.json          counts and timings, written when the run ends
-    _runs/<run_id>/heartbeat.json        host, pid and time, rewritten every HEARTBEAT_S while it runs
 
-A later run into the same output:
+A later run into the same output (see pipeline/lease.py for how runs take turns):
 
 - skips the shards that commit records cover (re-runs after a crash, incremental scheduled runs);
-- refuses to mix in rows from a different model, weights or preprocessing;
-- refuses to start while another run is writing there (its heartbeat is fresh and, on this host, its
-  process is alive): two runs would process the same shards;
-- deletes data files that no commit record names (a commit interrupted between moving files and writing
-  its record) and stale staging files, then processes their shards again, so no row is visible twice.
+- refuses to mix in rows from a different model, weights, seed or preprocessing;
+- finishes the moves of committed units whose staged file is still there (a crash between the record and
+  the moves), then deletes data files that no record names and everything else under `_staging/`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
-import threading
-import time
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
@@ -36,8 +30,6 @@ from pipeline.storage import resolve_uri
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"
-HEARTBEAT_S = 30.0
-STALE_AFTER_S = 4 * HEARTBEAT_S
 _PART = re.compile(r"^part-.+\.parquet$")
 _COMMIT = re.compile(r"^commit-\d+\.json$")
 
@@ -54,11 +46,38 @@ IDENTITY_KEYS = (
     "preprocessing",
     "embedding_dtype",
     "logits_dtype",
+    "seed",
 )
+# Identity fields that older outputs may not record; compared only when both runs record them.
+_OPTIONAL_IDENTITY_KEYS = ("seed",)
 
 
 class OutputConflictError(ValueError):
     """The output directory holds rows made with a different model or preprocessing."""
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """One unit in a commit record: `staged` (relative to the output) becomes the data file `file`."""
+
+    file: str | None  # None: the unit produced no row (e.g. an empty tar) and has no file
+    staged: str | None
+    shards: dict[str, tuple[int, int]]  # input shard rel → (rows, errors) in `file`
+    replaces: bool = False  # True: `file` was already committed and this is a new version of it
+
+    def to_json(self) -> dict:
+        return {
+            "file": self.file,
+            "staged": self.staged,
+            "shards": [[rel, r, e] for rel, (r, e) in sorted(self.shards.items())],
+            "replaces": self.replaces,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> UnitRecord:
+        return cls(
+            d["file"], d["staged"], {rel: (r, e) for rel, r, e in d["shards"]}, d.get("replaces", False)
+        )
 
 
 @dataclass
@@ -66,9 +85,10 @@ class Ledger:
     output: str
     runs: dict[str, dict] = field(default_factory=dict)  # run_id → run.json
     done: dict[str, tuple[int, int]] = field(default_factory=dict)  # shard rel → (rows, errors)
-    files: set[str] = field(default_factory=set)  # committed data file names
+    files: dict[str, list[str]] = field(default_factory=dict)  # committed data file → its shard rels
+    pending: list[tuple[str, str]] = field(default_factory=list)  # committed (staged, file) not yet moved
+    lost: list[str] = field(default_factory=list)  # committed files found neither in place nor staged
     finished: set[str] = field(default_factory=set)  # runs with a summary
-    heartbeats: dict[str, dict] = field(default_factory=dict)  # run_id → last heartbeat
 
     @classmethod
     def read(cls, output: str) -> Ledger:
@@ -77,7 +97,8 @@ class Ledger:
         infos = fs.get_file_info(
             pafs.FileSelector(f"{root}/{RUNS_DIR}", recursive=True, allow_not_found=True)
         )
-        for info in sorted(infos, key=lambda i: i.path):
+        records = []
+        for info in sorted(infos, key=lambda i: i.path):  # run ids start with their UTC start time
             if info.type != pafs.FileType.File:
                 continue
             name, run_id = info.base_name, info.path.rsplit("/", 2)[-2]
@@ -85,20 +106,47 @@ class Ledger:
                 ledger.runs[run_id] = _read_json(fs, info.path)
             elif name == "summary.json":
                 ledger.finished.add(run_id)
-            elif name == "heartbeat.json":
-                ledger.heartbeats[run_id] = _read_json(fs, info.path)
             elif _COMMIT.match(name):
-                record = _read_json(fs, info.path)
-                ledger.files.update(record["files"])
-                for rel, rows, errors in record["shards"]:
-                    ledger.done[rel] = (rows, errors)
+                records.append(_read_json(fs, info.path))
+        if not records:
+            return ledger
+        placed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+        staged = {
+            _relative(root, i.path)
+            for i in fs.get_file_info(
+                pafs.FileSelector(f"{root}/{STAGING_DIR}", recursive=True, allow_not_found=True)
+            )
+            if i.type == pafs.FileType.File
+        }
+        for record in records:
+            for unit in _units(record):
+                if unit.file is not None:
+                    if unit.staged in staged:
+                        ledger.pending.append((unit.staged, unit.file))  # type: ignore[arg-type]
+                    elif unit.file not in placed:
+                        ledger.lost.append(unit.file)  # deleted by hand: its shards are redone
+                        continue
+                    ledger.files[unit.file] = sorted(unit.shards)
+                ledger.done.update(unit.shards)
+        if ledger.lost:
+            log.warning(
+                "%d committed data file(s) of %s are missing (e.g. %s): their inputs are processed again",
+                len(ledger.lost),
+                output,
+                ledger.lost[0],
+            )
         return ledger
 
     def check_identity(self, identity: dict[str, str]) -> None:
         """Raises OutputConflictError if an earlier run used another model or preprocessing."""
         for run_id, record in self.runs.items():
             theirs = record.get("identity", {})
-            diff = [k for k in IDENTITY_KEYS if str(theirs.get(k)) != str(identity.get(k))]
+            diff = [
+                k
+                for k in IDENTITY_KEYS
+                if str(theirs.get(k)) != str(identity.get(k))
+                and not (k in _OPTIONAL_IDENTITY_KEYS and k not in theirs)
+            ]
             if diff:
                 details = "; ".join(
                     f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:3]
@@ -108,26 +156,15 @@ class Ledger:
                     f"preprocessing ({details}); write to a new --output so the two never mix."
                 )
 
-    def check_no_active_run(self, now: float | None = None) -> None:
-        """Raises OutputConflictError while another run is writing into this output."""
-        now = time.time() if now is None else now
-        for run_id, beat in self.heartbeats.items():
-            if run_id in self.finished:
-                continue
-            same_host = beat.get("host") == socket.gethostname()
-            if (same_host and not _alive(int(beat.get("pid", 0)))) or now - beat.get(
-                "time", 0
-            ) > STALE_AFTER_S:
-                continue  # it died: its uncommitted files are cleaned up and its shards redone
-            raise OutputConflictError(
-                f"run {run_id} (host {beat.get('host')}, pid {beat.get('pid')}) is still writing to "
-                f"{self.output}: wait for it to finish; if it died on another machine, this output is free "
-                f"{STALE_AFTER_S:.0f} s after its last heartbeat."
-            )
-
-    def clean_uncommitted(self) -> list[str]:
-        """Deletes stale staging files and data files no commit names. Returns what it removed."""
+    def recover(self) -> list[str]:
+        """Finishes the moves of committed units still staged, then deletes data files that no record
+        names and the rest of `_staging/`. Run it while holding the output's lease. Returns what it
+        removed."""
         fs, root = resolve_uri(self.output)
+        for staged, file in self.pending:
+            log.warning("finishing the commit of %s in %s", file, self.output)
+            fs.move(f"{root}/{staged}", f"{root}/{file}")
+        self.pending = []
         removed = []
         try:
             if fs.get_file_info(pafs.FileSelector(f"{root}/{STAGING_DIR}", allow_not_found=True)):
@@ -147,14 +184,19 @@ class Ledger:
         return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+def _units(record: dict) -> list[UnitRecord]:
+    """The units of a commit record; records written before per-unit records name placed files only."""
+    if "units" in record:
+        return [UnitRecord.from_json(u) for u in record["units"]]
+    shards = {rel: (r, e) for rel, r, e in record["shards"]}
+    files = record["files"]
+    return [UnitRecord(f, None, shards if i == 0 else {}) for i, f in enumerate(files)] or [
+        UnitRecord(None, None, shards)
+    ]
+
+
+def _relative(root: str, path: str) -> str:
+    return path[len(root) + 1 :] if path.startswith(root + "/") else path
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> dict:
@@ -168,47 +210,24 @@ class RunLedger:
     def __init__(self, output: str, run_id: str) -> None:
         self.output, self.run_id = output, run_id
         self.seq = 0
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
 
     def _path(self, name: str) -> tuple[pafs.FileSystem, str]:
         fs, root = resolve_uri(self.output)
         return fs, f"{root}/{RUNS_DIR}/{self.run_id}/{name}"
 
     def start(self, record: dict) -> None:
-        """Writes run.json and starts the heartbeat that tells other runs this output is in use."""
+        """Writes run.json: the run's identity."""
         fs, path = self._path("run.json")
         make_dirs(fs, path.rsplit("/", 1)[0])
-        self.heartbeat()
         write_json(fs, path, record)
-        self._beat = threading.Thread(target=self._beat_loop, name="ledger-heartbeat", daemon=True)
-        self._beat.start()
 
-    def heartbeat(self) -> None:
-        fs, path = self._path("heartbeat.json")
-        write_json(fs, path, {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
-
-    def _beat_loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self.heartbeat()
-            except OSError as e:  # storage hiccup: the next beat will try again
-                log.warning("could not write the run's heartbeat: %s", e)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def record_commit(self, files: list[str], shards: dict[str, tuple[int, int]]) -> None:
-        """Writes the commit record: from here on these shards are done and these files are data."""
+    def record_commit(self, units: list[UnitRecord]) -> None:
+        """Writes the commit record: from here on these units are committed, even before their staged
+        files are moved into place (a later run finishes the moves)."""
         self.seq += 1
         fs, path = self._path(f"commit-{self.seq:06d}.json")
-        record = {
-            "files": sorted(files),
-            "shards": [[rel, r, e] for rel, (r, e) in sorted(shards.items())],
-        }
-        write_json(fs, path, record)
+        write_json(fs, path, {"units": [u.to_json() for u in units]})
 
     def finish(self, summary: dict) -> None:
-        self.stop()
         fs, path = self._path("summary.json")
         write_json(fs, path, summary)

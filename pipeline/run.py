@@ -6,11 +6,14 @@ everything that needs no cluster (argument, weights and input checks) and is wha
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,14 +23,17 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from pipeline.commit import Committer
+from pipeline.commit import Committer, UnitWork, shard_counts
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodePatches, check_sizes
 from pipeline.embed import EmbedPatches, ModelSpec
-from pipeline.ledger import Ledger, RunLedger
+from pipeline.lease import OutputLease
+from pipeline.ledger import Ledger, RunLedger, UnitRecord
 from pipeline.sink import OutputSpec, ParquetSink, Part, part_from_json, write_parts
 from pipeline.sources import ReadShards, Shard, list_shards, shards_to_items
+from pipeline.storage import resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ MAX_FILES_PER_UNIT = 4096
 UNITS_PER_SLOT = 4
 MAX_INPUT_BLOCKS = 10_000
 DECODE_BATCH_ROWS = 256  # images per batch that a read+decode task emits (ReadShards' rows_per_batch)
-WRITE_BATCH_ROWS = 4096  # rows per write call: parts of about this size, merged per unit at commit
+TICK_S = 0.5  # the commit loop looks at the clock at least this often, whether or not parts arrive
 # Writing is mostly I/O and must never wait for a CPU held by decode tasks: without its own CPU a write
 # task starts as soon as a batch is ready, so units commit while the run goes on and embedded rows do not
 # pile up in the object store (measured: with 0.25 CPU on a 2-CPU node nothing was written until decode
@@ -110,6 +116,8 @@ class Plan:
     resize_size: int
     num_params: int
     ledger: Ledger  # the output's ledger as read when planning
+    retry: list[tuple[UnitWork, list[Shard]]] = field(default_factory=list)  # --retry-errors units
+    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         kinds = sorted({s.kind for s in self.shards}) or ["(nothing new)"]
@@ -118,7 +126,10 @@ class Plan:
         return "\n".join(
             [
                 f"input:   {self.config.input} ({len(self.shards)} shards to do: {', '.join(kinds)}; "
-                f"{self.skipped_shards} already done)",
+                f"{self.skipped_shards} already done"
+                + (
+                    f"; {sum(len(w.drop) for w, _ in self.retry)} error rows to retry)" if self.retry else ")"
+                ),
                 f"output:  {self.config.output}",
                 f"model:   {ident['model']} weights={ident['weights']} sha256={ident['weights_sha256'][:16]}",
                 f"         embedding[{self.output.embedding_dim}] {self.output.embedding_dtype}, "
@@ -141,6 +152,7 @@ class Summary:
     error_rate: float
     files: int
     skipped_shards: int = 0
+    retried: int = 0  # committed error rows read and embedded again (--retry-errors)
     actors: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over the workers of a stage
     bound: str = ""  # the stage that limits the run
@@ -157,6 +169,8 @@ class Summary:
         ]
         if self.skipped:
             lines.append(f"Skipped {self.skipped} rows already written by earlier runs.")
+        if self.retried:
+            lines.append(f"Retried {self.retried} error rows of earlier runs (their rows were replaced).")
         if self.stage_seconds:
             spent = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())
             lines.append(f"Seconds per stage, all workers together: {spent}. {self.hint}".rstrip())
@@ -185,6 +199,7 @@ def plan(config: JobConfig) -> Plan:
             "model": config.model,
             "weights": config.weights,
             "weights_sha256": loaded.sha256 or "random",
+            "seed": str(config.seed) if loaded.sha256 is None else "",  # random weights depend on it
             "image_size": str(image_size),
             "patch_size": str(patch_size),
             "resize_size": str(resize_size),
@@ -211,14 +226,47 @@ def plan(config: JobConfig) -> Plan:
     shards = list_shards(config.input, config.format)
     ledger = Ledger.read(config.output)
     ledger.check_identity(identity)
-    ledger.check_no_active_run()
     todo = [s for s in shards if s.rel not in ledger.done]
     skipped = [s for s in shards if s.rel in ledger.done]
     skipped_rows = sum(ledger.done[s.rel][0] for s in skipped)
     num_params = sum(p.numel() for p in loaded.model.parameters())
-    return Plan(
+    plan_ = Plan(
         config, todo, len(skipped), skipped_rows, spec, output, identity, resize_size, num_params, ledger
     )
+    if config.retry_errors:
+        plan_.retry, plan_.notes = retry_units(ledger, {s.rel: s for s in skipped})
+    return plan_
+
+
+def retry_units(
+    ledger: Ledger, listed: dict[str, Shard]
+) -> tuple[list[tuple[UnitWork, list[Shard]]], list[str]]:
+    """--retry-errors: one unit per committed data file holding error rows. It re-reads only the error
+    rows' keys (a shard's `#.error` row: the whole shard) and replaces them in that file."""
+    fs, root = resolve_uri(ledger.output)
+    units, gone = [], 0
+    for file, rels in sorted(ledger.files.items()):
+        if not any(ledger.done.get(rel, (0, 0))[1] for rel in rels):
+            continue  # the ledger counts each shard's error rows: no need to open the file
+        table = pq.read_table(f"{root}/{file}", columns=["key", "error"], filesystem=fs)
+        keys = [k for k, e in zip(table["key"].to_pylist(), table["error"].to_pylist()) if e is not None]
+        if not keys:
+            continue
+        # A tar or Parquet shard is a unit alone; loose files share a unit, and a row's key is its path.
+        targets = {rels[0]: keys} if len(rels) == 1 else {k: [k] for k in keys if k in rels}
+        shards = [
+            dataclasses.replace(listed[rel], keys=tuple(ks)) for rel, ks in targets.items() if rel in listed
+        ]
+        gone += sum(len(ks) for rel, ks in targets.items() if rel not in listed)
+        if shards:
+            drop = tuple(k for s in shards for k in (s.keys or ()))
+            units.append((UnitWork([s.rel for s in shards], replaces=file, drop=drop), shards))
+    notes = (
+        [f"{gone} error rows are of inputs no longer under --input; they were left as they are."]
+        if gone
+        else []
+    )
+    return units, notes
 
 
 def _worker_env() -> dict[str, str]:
@@ -226,20 +274,34 @@ def _worker_env() -> dict[str, str]:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connects to RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray."""
+    """Connects to RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray.
+
+    `ray.init` replaces the driver's SIGTERM handler (with one that calls sys.exit); handlers the caller
+    installed itself (jobs/embed.py's, which stop the run with status 3) are put back afterwards.
+    """
+    import signal
+    import threading
+
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": _worker_env()}, log_to_driver=True)
-    else:  # workers inherit this environment
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
-        )
+    own = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if own else {}
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env={"env_vars": _worker_env()}, log_to_driver=True)
+        else:  # workers inherit this environment
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
+            )
+    finally:
+        for signum, handler in handlers.items():
+            if callable(handler) and handler is not signal.default_int_handler:
+                signal.signal(signum, handler)
 
 
 @dataclass(frozen=True)
@@ -362,6 +424,7 @@ def build_dataset(
         "input_uri": config.input,
         "image_column": config.image_column,
         "key_column": config.key_column,
+        "max_image_bytes": config.max_object_bytes,
     }
     decode_kwargs = {
         "image_size": int(plan_.identity["image_size"]),
@@ -397,29 +460,99 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(size=actors.size),
         **actors.remote_args,
     )
-    return ds.map_batches(
+    return ds.map_batches(  # every block as it comes, so a unit's last rows never wait for later units'
         write_parts,  # type: ignore[arg-type]
-        batch_size=WRITE_BATCH_ROWS,
+        batch_size=None,
         fn_kwargs={"sink": sink},
         num_cpus=WRITE_CPUS,
     )
 
 
-def _placer(sink: ParquetSink, pool: ThreadPoolExecutor) -> Callable[[list[list[Part]]], list[str]]:
-    """Places units: a unit written as one part is moved by the driver (a rename, or a server-side copy on
-    S3, in `pool`'s threads); one in several parts is merged in a Ray task, off the driver, since merging
-    reads and writes its data. Measured: a Ray task per move cost new worker processes (~0.4 CPU-s each)
-    and made the final commit of a 6000-image run take ~1 s instead of ~0.05 s."""
-    import ray
+def _stager(
+    sink: ParquetSink, ledger: Ledger, remote: bool = True
+) -> Callable[[list[tuple[UnitWork, list[Part]]]], list[UnitRecord]]:
+    """Stages complete units as one file each: a single part is already that file; several parts (and
+    --retry-errors replacements, which also read the committed file) are merged in Ray tasks, off the
+    driver (`remote=False`: in this process). Measured: a Ray task for a single-part unit cost a new
+    worker process (~0.4 CPU-s) each."""
+    merge: Callable[..., Any] = ParquetSink.stage_unit
+    replace: Callable[..., Any] = ParquetSink.stage_replacement
+    get: Callable[[Any], Any] = lambda x: x  # noqa: E731
+    if remote:
+        import ray
 
-    merge = ray.remote(num_cpus=WRITE_CPUS, max_retries=3)(ParquetSink.place_unit)
+        merge = ray.remote(num_cpus=WRITE_CPUS, max_retries=3)(merge).remote
+        replace = ray.remote(num_cpus=WRITE_CPUS, max_retries=3)(replace).remote
+        get = ray.get
 
-    def run_all(units: list[list[Part]]) -> list[str]:
-        merges = {i: merge.remote(sink, parts) for i, parts in enumerate(units) if len(parts) > 1}
-        moves = {i: pool.submit(sink.place_unit, parts) for i, parts in enumerate(units) if len(parts) == 1}
-        return [ray.get(merges[i]) if i in merges else moves[i].result() for i in range(len(units))]
+    def run_all(units: list[tuple[UnitWork, list[Part]]]) -> list[UnitRecord]:
+        started: dict[int, Any] = {}
+        for i, (work, parts) in enumerate(units):
+            if work.replaces is not None:
+                started[i] = replace(sink, parts, work.replaces, work.drop, ledger.files[work.replaces])
+            elif len(parts) > 1:
+                started[i] = merge(sink, parts)
+        records = []
+        for i, (work, parts) in enumerate(units):
+            if work.replaces is not None:
+                staged, counts = get(started[i])
+                records.append(UnitRecord(work.replaces, staged, counts, replaces=True))
+            else:
+                staged = get(started[i]) if i in started else sink.relative(parts[0].staged)
+                records.append(UnitRecord(sink.final_name(parts[0].unit), staged, shard_counts(work, parts)))
+        return records
 
     return run_all
+
+
+def _mover(
+    sink: ParquetSink, pool: ThreadPoolExecutor
+) -> Callable[[list[UnitRecord], list[list[Part]]], None]:
+    """Moves staged units into place in `pool`'s threads (S3 copies wait on I/O), then deletes the parts
+    that merged files replaced."""
+
+    def run_all(records: list[UnitRecord], parts: list[list[Part]]) -> None:
+        moves = [pool.submit(sink.move_into_place, r.staged, r.file) for r in records if r.file and r.staged]
+        for m in moves:
+            m.result()
+        staged = {r.staged for r in records}
+        leftovers = [p for ps in parts for p in ps if sink.relative(p.staged) not in staged]
+        for d in [
+            pool.submit(sink.delete_parts, leftovers[i : i + 64]) for i in range(0, len(leftovers), 64)
+        ]:
+            d.result()
+
+    return run_all
+
+
+def _parts(ds: Any) -> Iterator[Part | None]:
+    """The write stage's parts as they come, and None whenever TICK_S passes without one, so the commit
+    loop keeps its interval however long the next part takes (and the main thread stays responsive to
+    signals)."""
+    q: queue.Queue = queue.Queue()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for text in batch["part"]:
+                    q.put(part_from_json(str(text)))
+            q.put(done)
+        except BaseException as e:  # handed to the main thread
+            q.put(e)
+
+    threading.Thread(target=produce, name="parts", daemon=True).start()
+    while True:
+        try:
+            item = q.get(timeout=TICK_S)
+        except queue.Empty:
+            yield None
+            continue
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def new_run_id() -> str:
@@ -433,12 +566,27 @@ def run(
     embedder_kwargs: dict | None = None,
     num_cpus: int | None = None,
 ) -> Summary:
-    """Runs the job. `embedder` swaps the model stage (e.g. `FakeEmbedPatches`) for tests and benchmarks."""
+    """Runs the job. `embedder` swaps the model stage (e.g. `FakeEmbedPatches`) for tests and benchmarks.
+
+    The output's lease is taken before anything else and held to the end (pipeline/lease.py)."""
+    run_id = new_run_id()
+    with OutputLease(config.output, run_id) as lease:
+        return _run(config, run_id, lease, embedder, embedder_kwargs, num_cpus)
+
+
+def _run(
+    config: JobConfig,
+    run_id: str,
+    lease: OutputLease,
+    embedder: Callable | type | None,
+    embedder_kwargs: dict | None,
+    num_cpus: int | None,
+) -> Summary:
     start = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     plan_ = plan(config)
-    run_id = new_run_id()
-    if not plan_.shards:
+    plan_.ledger.recover()  # finish or remove what an interrupted run left, before writing anything
+    if not plan_.shards and not plan_.retry:
         return Summary(
             processed=0,
             skipped=plan_.skipped_rows,
@@ -450,33 +598,40 @@ def run(
             error_rate=0.0,
             files=0,
             skipped_shards=plan_.skipped_shards,
-            notes=["Nothing new to process."],
+            notes=["Nothing new to process.", *plan_.notes],
         )
     ensure_ray(num_cpus)
-    plan_.ledger.clean_uncommitted()  # leftovers of an interrupted run, before writing anything
 
     actors = actor_stage(config, plan_)
     units = make_units(plan_.shards, actors.task_slots)
+    work = {u: UnitWork([s.rel for s in shards]) for u, shards in units.items()}
+    for unit_work, shards in plan_.retry:
+        units[len(units)] = shards
+        work[len(work)] = unit_work
     sink = ParquetSink(config.output, plan_.output, run_id, {**plan_.identity, "run_id": run_id})
     run_ledger = RunLedger(config.output, run_id)
     run_ledger.start({"run_id": run_id, "started_at": started_at, "identity": plan_.identity})
     movers = ThreadPoolExecutor(MOVE_THREADS, thread_name_prefix="place")
     committer = Committer(
-        {u: [s.rel for s in shards] for u, shards in units.items()},
+        work,
         run_ledger,
-        _placer(sink, movers),
+        _stager(sink, plan_.ledger),
+        _mover(sink, movers),
         interval_s=config.commit_interval_s,
+        check=lease.check,
     )
     ds = build_dataset(config, plan_, units, sink, actors, embedder, embedder_kwargs)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for text in batch["part"]:
-                committer.add(part_from_json(str(text)))
+        for part in _parts(ds):
+            if part is None:
+                committer.tick()
+            else:
+                committer.add(part)
         committer.finish()
     finally:
         movers.shutdown()
-        run_ledger.stop()
-        sink.remove_staging()  # parts of units that did not complete are never used
+        if not committer.moving:  # committed units still staged are moved into place by the next run
+            sink.remove_staging()  # parts of units that did not complete are never used
     stats = committer.stats
     seconds = time.perf_counter() - start
     error_rate = stats.errors / stats.rows if stats.rows else 0.0
@@ -493,10 +648,12 @@ def run(
         error_rate=round(error_rate, 6),
         files=stats.files,
         skipped_shards=plan_.skipped_shards,
+        retried=stats.retried,
         actors=actors.description,
         stage_seconds={k: round(v, 3) for k, v in stats.seconds.items()},
         bound=bound,
         hint=bound_hint(bound, "num_gpus" in actors.remote_args, on_actors),
+        notes=[n for n in (getattr(actors, "note", ""), *plan_.notes) if n],
     )
     run_ledger.finish(
         {

@@ -205,31 +205,74 @@ class ParquetSink:
     def final_name(self, unit: int) -> str:
         return f"part-{self.run_id}-u{unit:06d}.parquet"
 
-    def place_unit(self, parts: list[Part]) -> str:
-        """Puts one unit's staged parts into place as ONE file; returns its name.
+    def relative(self, path: str) -> str:
+        """A path in the output's filesystem → relative to the output (as commit records name files)."""
+        return _relative(resolve_uri(self.output)[1], path)
 
-        One part is moved (a rename locally, a single-object copy on S3); several are first merged into
-        one staged file. Either way the unit appears in the dataset in one atomic step.
-        """
+    def stage_unit(self, parts: list[Part]) -> str:
+        """One unit's rows as ONE staged file, ready to be moved into place; returns its path relative to
+        the output. A single part is that file; several are merged into `_staging/<run_id>/<final name>`
+        (idempotent: a retried merge writes the same file again). The parts are left for `delete_parts`."""
         fs, root = resolve_uri(self.output)
-        name = self.final_name(parts[0].unit)
-        if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
-            # An earlier attempt (a retried task) placed it: the name holds the run id, so it is this unit.
-            for p in parts:
-                with contextlib.suppress(FileNotFoundError):
-                    fs.delete_file(p.staged)
-            return name
         if len(parts) == 1:
-            fs.move(parts[0].staged, f"{root}/{name}")
-            return name
+            return _relative(root, parts[0].staged)
+        name = self.final_name(parts[0].unit)
         schema = self.spec.schema(self.metadata)
         merged = f"{root}/{self.staging_dir}/{name}"
         write_parquet(
             (pq.read_table(p.staged, filesystem=fs, schema=schema) for p in parts), fs, merged, schema
         )
-        fs.move(merged, f"{root}/{name}")
+        return _relative(root, merged)
+
+    def stage_replacement(
+        self, parts: list[Part], file: str, drop: Iterable[str], file_shards: list[str]
+    ) -> tuple[str, dict[str, tuple[int, int]]]:
+        """A new version of the committed data file `file`, staged: its rows minus those whose key is in
+        `drop` or among the parts' keys, plus the parts' rows. Returns the staged path (relative to the
+        output) and the (rows, errors) of each of `file_shards` in the new version. Moving it over `file`
+        swaps the rows in one step: a reader sees the old file or the new one, never both."""
+        fs, root = resolve_uri(self.output)
+        schema = self.spec.schema(self.metadata)
+        new = [pq.read_table(p.staged, filesystem=fs, schema=schema) for p in parts]
+        new_keys = {k for t in new for k in t["key"].to_pylist()}
+        old = pq.read_table(f"{root}/{file}", filesystem=fs)
+        keep = [k not in new_keys and k not in set(drop) for k in old["key"].to_pylist()]
+        # The committed file keeps its own footer (its run id); the replaced rows come from this run.
+        table = pa.concat_tables(
+            [old.filter(pa.array(keep)).cast(old.schema), *[t.cast(old.schema) for t in new]]
+        )
+        staged = f"{root}/{self.staging_dir}/{file}"
+        write_parquet([table], fs, staged, old.schema)
+        keys = table["key"].to_pylist()
+        bad = table["error"].is_valid().to_pylist()
+        if len(file_shards) == 1:  # a tar or Parquet shard is a unit, hence a file, alone
+            counts = {file_shards[0]: (len(keys), sum(bad))}
+        else:  # loose files: each key is its file's path
+            by_key = dict(zip(keys, bad))
+            counts = {rel: (int(rel in by_key), int(by_key.get(rel, False))) for rel in file_shards}
+        return _relative(root, staged), counts
+
+    def move_into_place(self, staged: str, name: str) -> None:
+        """Moves a staged file (path relative to the output) to `name` in the dataset, replacing a file of
+        that name: a rename locally, a server-side copy on S3, either way atomic for readers."""
+        fs, root = resolve_uri(self.output)
+        fs.move(f"{root}/{staged}", f"{root}/{name}")
+
+    def delete_parts(self, parts: list[Part]) -> None:
+        """Deletes staged parts that a merged file replaced (missing ones are fine)."""
+        fs, _ = resolve_uri(self.output)
         for p in parts:
-            fs.delete_file(p.staged)
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_file(p.staged)
+
+    def place_unit(self, parts: list[Part]) -> str:
+        """Stages and moves one unit's parts into place as ONE file, without a commit record; returns its
+        name. The commit loop does the same two steps with the record in between (pipeline/commit.py)."""
+        name = self.final_name(parts[0].unit)
+        staged = self.stage_unit(parts)
+        self.move_into_place(staged, name)
+        if len(parts) > 1:
+            self.delete_parts(parts)
         return name
 
     def remove_staging(self) -> None:
@@ -255,6 +298,12 @@ def part_from_json(text: str) -> Part:
     d = json.loads(text)
     d["shards"] = {k: tuple(v) for k, v in d["shards"].items()}
     return Part(**d)
+
+
+def _relative(root: str, path: str) -> str:
+    if not path.startswith(root + "/"):
+        raise ValueError(f"{path!r} is not under the output {root!r}")
+    return path[len(root) + 1 :]
 
 
 def make_dirs(fs: pafs.FileSystem, path: str) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.commit import Committer
+from pipeline.commit import Committer, UnitWork
 from pipeline.ledger import Ledger, OutputConflictError, RunLedger
 from pipeline.sink import OutputSpec, ParquetSink
 
@@ -25,28 +25,21 @@ def _rows(unit: int, shard: str, n: int, total: int = -1, start: int = 0) -> dic
     }
 
 
-@pytest.fixture(autouse=True)
-def _stop_heartbeats(monkeypatch):
-    """Every RunLedger started here stops its heartbeat thread at the end of the test (it would otherwise
-    keep rewriting heartbeat.json under the test's tmp_path, which later tests watch)."""
-    started: list[RunLedger] = []
-    original = RunLedger.start
-
-    def start(self, record):
-        started.append(self)
-        original(self, record)
-
-    monkeypatch.setattr(RunLedger, "start", start)
-    yield
-    for ledger in started:
-        ledger.stop()
-
-
 def _setup(tmp_path, units, interval_s=0.0, run_id="r1"):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.run import _mover, _stager
+
     sink = ParquetSink(str(tmp_path), SPEC, run_id, {})
     ledger = RunLedger(str(tmp_path), run_id)
     ledger.start({"run_id": run_id, "identity": {"model": "m"}})
-    committer = Committer(units, ledger, lambda us: [sink.place_unit(p) for p in us], interval_s=interval_s)
+    committer = Committer(
+        {u: UnitWork(shards) for u, shards in units.items()},
+        ledger,
+        _stager(sink, Ledger.read(str(tmp_path)), remote=False),
+        _mover(sink, ThreadPoolExecutor(2)),
+        interval_s=interval_s,
+    )
     return sink, committer
 
 
@@ -76,7 +69,8 @@ def test_a_unit_becomes_visible_only_when_all_its_rows_are_staged(tmp_path):
     ]
     ledger = Ledger.read(str(tmp_path))
     assert ledger.done == {"a.tar": (4, 0), "b.tar": (2, 0)}
-    assert ledger.files == {"part-r1-u000000.parquet", "part-r1-u000001.parquet"}
+    assert ledger.files == {"part-r1-u000000.parquet": ["a.tar"], "part-r1-u000001.parquet": ["b.tar"]}
+    assert not list((tmp_path / "_staging").rglob("*.parquet")), "merged parts are deleted once placed"
 
 
 def test_commits_wait_for_the_interval(tmp_path):
@@ -113,19 +107,52 @@ def test_more_rows_than_the_total_is_caught(tmp_path):
             c.add(part)
 
 
-def test_cleanup_removes_unrecorded_files_and_staging(tmp_path):
+def test_recovery_removes_unrecorded_files_and_staging(tmp_path):
     sink, c = _setup(tmp_path, {0: ["a"], 1: ["b"]})
     for part in sink.write_parts(_rows(0, "a", 1, total=1)):
         c.add(part)  # committed and recorded
-    # A placed file whose commit record was never written (the driver died in between) ...
+    # A file put in place without a record (only a hand-made or foreign file can be: the commit loop
+    # records before it moves) ...
     orphan = sink.place_unit(sink.write_parts(_rows(1, "b", 1, total=1)))
     # ... and a staged part of a unit still in flight.
     sink.write_parts(_rows(1, "b", 1))
     ledger = Ledger.read(str(tmp_path))
     assert set(ledger.done) == {"a"}
-    removed = ledger.clean_uncommitted()
+    removed = ledger.recover()
     assert orphan in removed and "_staging/" in removed
     assert _visible_keys(tmp_path) == ["a#0"]
+
+
+def test_a_recorded_unit_is_moved_into_place_by_the_next_run(tmp_path, monkeypatch):
+    """The record is the commit point: a crash after it and before the move leaves the file staged, and
+    the next run's recovery moves it into place instead of redoing (or losing) the unit."""
+    sink, c = _setup(tmp_path, {0: ["a.tar"]}, interval_s=3600)
+    for part in sink.write_parts(_rows(0, "a.tar", 2)) + sink.write_parts(_rows(0, "a.tar", 1, 3, start=2)):
+        c.add(part)
+
+    def crash(records, parts):
+        raise KeyboardInterrupt
+
+    c.move = crash
+    with pytest.raises(KeyboardInterrupt):
+        c.finish()
+    assert c.moving and _visible_keys(tmp_path) == []  # readers see nothing yet
+    ledger = Ledger.read(str(tmp_path))
+    assert ledger.done == {"a.tar": (3, 0)} and len(ledger.pending) == 1
+    ledger.recover()
+    assert sorted(_visible_keys(tmp_path)) == ["a.tar#0", "a.tar#1", "a.tar#2"]
+    again = Ledger.read(str(tmp_path))
+    assert again.pending == [] and again.done == {"a.tar": (3, 0)}
+    assert not (tmp_path / "_staging").exists()
+
+
+def test_a_committed_file_deleted_by_hand_is_redone(tmp_path):
+    sink, c = _setup(tmp_path, {0: ["a"], 1: ["b"]})
+    for part in sink.write_parts(_rows(0, "a", 1, total=1)) + sink.write_parts(_rows(1, "b", 1, total=1)):
+        c.add(part)
+    (tmp_path / sink.final_name(0)).unlink()
+    ledger = Ledger.read(str(tmp_path))
+    assert set(ledger.done) == {"b"} and ledger.lost == [sink.final_name(0)]
 
 
 def test_identity_conflict_names_the_difference(tmp_path):
@@ -136,34 +163,11 @@ def test_identity_conflict_names_the_difference(tmp_path):
         ledger.check_identity({"model": "other"})
 
 
-def test_a_live_run_blocks_a_second_one_and_a_dead_one_does_not(tmp_path, monkeypatch):
-    import json
-    import os
-    import socket
-    import time
-
-    beat = tmp_path / "_runs" / "other" / "heartbeat.json"
-    beat.parent.mkdir(parents=True)
-
-    def write(host: str, pid: int, age_s: float) -> Ledger:
-        beat.write_text(json.dumps({"host": host, "pid": pid, "time": time.time() - age_s}))
-        return Ledger.read(str(tmp_path))
-
-    with pytest.raises(OutputConflictError, match="still writing"):
-        write("elsewhere", 123, age_s=5).check_no_active_run()
-    write("elsewhere", 123, age_s=3600).check_no_active_run()  # no heartbeat for an hour: it died
-    write(socket.gethostname(), 2**22 + 7, age_s=1).check_no_active_run()  # this host, no such process
-    with pytest.raises(OutputConflictError):
-        write(socket.gethostname(), os.getpid(), age_s=1).check_no_active_run()
-    (beat.parent / "summary.json").write_text("{}")  # a finished run never blocks
-    Ledger.read(str(tmp_path)).check_no_active_run()
-
-
-def test_the_run_heartbeat_is_written_and_stops(tmp_path):
-    ledger = RunLedger(str(tmp_path), "r9")
-    ledger.start({"run_id": "r9", "identity": {}})
-    assert (tmp_path / "_runs" / "r9" / "heartbeat.json").exists()
-    with pytest.raises(OutputConflictError):
-        Ledger.read(str(tmp_path)).check_no_active_run()
-    ledger.finish({"run_id": "r9"})
-    Ledger.read(str(tmp_path)).check_no_active_run()
+def test_the_seed_of_random_weights_is_part_of_the_identity(tmp_path):
+    RunLedger(str(tmp_path), "r1").start({"run_id": "r1", "identity": {"model": "m", "seed": "0"}})
+    ledger = Ledger.read(str(tmp_path))
+    ledger.check_identity({"model": "m", "seed": "0"})
+    with pytest.raises(OutputConflictError, match="seed: '0' there, '1' now"):
+        ledger.check_identity({"model": "m", "seed": "1"})
+    RunLedger(str(tmp_path / "old"), "r0").start({"run_id": "r0", "identity": {"model": "m"}})
+    Ledger.read(str(tmp_path / "old")).check_identity({"model": "m", "seed": "1"})  # not recorded then

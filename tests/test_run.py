@@ -180,10 +180,12 @@ def test_run_record_has_counts(tmp_path: Path, ray_local: None):
     assert json.loads((run_dir / "run.json").read_text())["identity"]["model"] == "vit_ti_16"
     assert json.loads((run_dir / "summary.json").read_text())["summary"]["processed"] == 4
     commits = [json.loads(p.read_text()) for p in sorted(run_dir.glob("commit-*.json"))]
-    assert sorted(rel for c in commits for rel, _, _ in c["shards"]) == sorted(
+    units = [u for c in commits for u in c["units"]]
+    assert sorted(rel for u in units for rel, _, _ in u["shards"]) == sorted(
         p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()
     )
-    assert sorted(f for c in commits for f in c["files"]) == sorted(p.name for p in out.glob("*.parquet"))
+    assert sorted(u["file"] for u in units) == sorted(p.name for p in out.glob("*.parquet"))
+    assert all(u["staged"].startswith(f"_staging/{summary.run_id}/") for u in units)
 
 
 def test_decode_in_the_model_actor(tmp_path: Path, ray_local: None):
@@ -202,11 +204,14 @@ def test_decode_in_the_model_actor(tmp_path: Path, ray_local: None):
     assert meta["decode"].startswith("JPEG on the model's device")
 
 
-def test_the_placer_puts_single_and_multi_part_units_in_place(tmp_path: Path, ray_local: None):
-    """One part: moved by the driver's threads; several: merged by a Ray task. Same result either way."""
+def test_units_are_staged_then_moved_into_place(tmp_path: Path, ray_local: None):
+    """One part: the part is the staged file, moved by the driver's threads; several: merged by a Ray
+    task first. Same result either way, and the merged parts are deleted."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.run import _placer
+    from pipeline.commit import UnitWork
+    from pipeline.ledger import Ledger
+    from pipeline.run import _mover, _stager
     from pipeline.sink import OutputSpec, ParquetSink
 
     def rows(n: int, unit: int, total: int = -1) -> dict[str, np.ndarray]:
@@ -223,8 +228,11 @@ def test_the_placer_puts_single_and_multi_part_units_in_place(tmp_path: Path, ra
     sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r1", {})
     merged = sink.write_parts(rows(3, 0)) + sink.write_parts(rows(2, 0, total=5))
     moved = sink.write_parts(rows(4, 1, total=4))
+    records = _stager(sink, Ledger(str(tmp_path)))([(UnitWork(["u0"]), merged), (UnitWork(["u1"]), moved)])
+    assert [r.file for r in records] == [sink.final_name(0), sink.final_name(1)]
+    assert [r.shards for r in records] == [{"u0": (5, 0)}, {"u1": (4, 0)}]
+    assert not list(tmp_path.glob("*.parquet")), "staging makes nothing visible"
     with ThreadPoolExecutor(2) as pool:
-        names = _placer(sink, pool)([merged, moved])
-    assert names == [sink.final_name(0), sink.final_name(1)]
-    assert [pq.read_metadata(tmp_path / n).num_rows for n in names] == [5, 4]
+        _mover(sink, pool)(records, [merged, moved])
+    assert [pq.read_metadata(tmp_path / r.file).num_rows for r in records] == [5, 4]
     assert not list((tmp_path / "_staging").rglob("*.parquet"))

@@ -82,17 +82,36 @@ def test_parts_per_unit_then_one_file_per_unit(tmp_path):
     assert "BYTE_STREAM_SPLIT" not in col.encodings
 
 
-def test_placing_a_unit_again_is_a_no_op(tmp_path):
-    """A retried placement task finds its unit in place: it returns the name and removes what is left."""
+def test_staging_a_unit_again_gives_the_same_file(tmp_path):
+    """A retried merge task writes the same staged file; moving it over the placed file changes nothing."""
     sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r", {})
     a = sink.write_parts(_unit_batch(2, 4, 2, set(), 3, "s"))
     b = sink.write_parts(_unit_batch(1, 4, 2, set(), 3, "s", total=3))
-    name = sink.place_unit(a + b)
-    before = pq.read_table(tmp_path / name)
-    a2 = sink.write_parts(_unit_batch(2, 4, 2, set(), 3, "s"))  # a leftover staged part of the same unit
-    assert sink.place_unit(a + b) == name and sink.place_unit(a2) == name
-    assert pq.read_table(tmp_path / name).equals(before)
-    assert not list((tmp_path / "_staging").rglob("*.parquet"))
+    staged = sink.stage_unit(a + b)
+    assert staged == f"_staging/r/{sink.final_name(3)}" and sink.stage_unit(a + b) == staged
+    sink.move_into_place(staged, sink.final_name(3))
+    before = pq.read_table(tmp_path / sink.final_name(3))
+    sink.move_into_place(sink.stage_unit(a + b), sink.final_name(3))
+    assert pq.read_table(tmp_path / sink.final_name(3)).equals(before)
+
+
+def test_a_replacement_swaps_the_retried_rows_in_one_file(tmp_path):
+    spec = OutputSpec(4, 2)
+    first = ParquetSink(str(tmp_path), spec, "r1", {"run_id": "r1"})
+    name = first.place_unit(first.write_parts(_unit_batch(4, 4, 2, {1, 3}, 0, "s.tar", total=4)))
+    retry = ParquetSink(str(tmp_path), spec, "r2", {"run_id": "r2"})
+    # The retried keys come back: s.tar/k1 now decodes; s.tar/k3 fails again.
+    batch = _unit_batch(4, 4, 2, {3}, 0, "s.tar", total=2)
+    fixed = {k: v[[1, 3]] for k, v in batch.items()}
+    parts = retry.write_parts(fixed)
+    staged, counts = retry.stage_replacement(parts, name, ("s.tar/k1", "s.tar/k3"), ["s.tar"])
+    assert counts == {"s.tar": (4, 1)}
+    assert pq.read_table(tmp_path / name)["error"].null_count == 2  # unchanged until the move
+    retry.move_into_place(staged, name)
+    table = pq.read_table(tmp_path / name)
+    assert sorted(table["key"].to_pylist()) == [f"s.tar/k{i}" for i in range(4)]
+    assert table["error"].null_count == 3
+    assert footer_metadata(pq.ParquetFile(tmp_path / name))["run_id"] == "r1"
 
 
 def test_part_json_round_trip(tmp_path):
