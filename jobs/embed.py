@@ -6,7 +6,9 @@
     python jobs/embed.py --demo       # a generated sample, a small model, local Ray and local output
 
 The last line on stdout is one JSON object with the run's counts; the exit status is 0 when the run
-finished within --max-error-rate, 1 when it finished with too many error rows, 2 when it could not run.
+finished within --max-error-rate, 1 when it finished with too many error rows, 2 when it could not run
+(one sentence on stderr says why), 3 when it stopped while running (SIGINT, SIGTERM, the cluster went
+away): what was committed stays, and the same command does the rest.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python jobs/embed.py` from a checkout that is not pip-installed
@@ -25,6 +29,7 @@ if str(ROOT) not in sys.path:  # `python jobs/embed.py` from a checkout that is 
 from pipeline.config import (  # noqa: E402
     CPU_BATCH_SIZE,
     DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_OBJECT_BYTES,
     FORMATS,
     GPU_BATCH_SIZE,
     ConfigError,
@@ -33,13 +38,66 @@ from pipeline.config import (  # noqa: E402
 
 DEMO_INPUT = "data/sample"
 DEMO_OUTPUT = "out/demo"
+RERUN = "units committed so far are kept; run the same command again to do the rest"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _triple(text: str) -> tuple[float, float, float]:
-    parts = [float(p) for p in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
-    return parts[0], parts[1], parts[2]
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: raised in the main thread, so the run's clean-up (`finally`) runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+class _StopOnSignal:
+    """The handler of SIGINT and SIGTERM: the first raises Stopped, a second exits at once (status 3)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping:
+            os.write(2, f"stopped by {name} while stopping: exiting now; {RERUN}.\n".encode())
+            _stop_local_ray()
+            os._exit(3)
+        self.stopping = True
+        raise Stopped(signum)
+
+
+def _stop_local_ray(timeout_s: float = 2.0) -> None:
+    """Stops the processes of a local Ray this process started (none when it connected to a cluster),
+    the raylet first: it stops its workers and agents, which outlive a raylet killed by our exit."""
+    ray = sys.modules.get("ray")
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    kinds = sorted(getattr(node, "all_processes", {}).items(), key=lambda kind: kind[0] != "raylet")
+    for _, infos in kinds:
+        for info in infos:
+            try:
+                info.process.terminate()
+                info.process.wait(timeout_s)
+            except Exception:  # best effort: the process exits next whatever happens here
+                pass
+
+
+def install_signal_handlers() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (Kubernetes, `ray job stop`) stop the run with status 3.
+
+    `pipeline.run.ensure_ray` puts these back after `ray.init`, which replaces the driver's SIGTERM
+    handler with one that calls sys.exit.
+    """
+    handler = _StopOnSignal()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def _triple(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers; JobConfig checks that there are three and that they make sense."""
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +157,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gpu: decode JPEGs with nvJPEG inside the model actors (needs torchvision); other "
         "formats and files nvJPEG rejects take the CPU path there",
     )
+    p.add_argument(
+        "--max-object-bytes",
+        type=int,
+        default=DEFAULT_MAX_OBJECT_BYTES,
+        help="objects (loose files, tar members, Parquet values) larger than this become error rows",
+    )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="re-read and re-embed the inputs whose committed rows are errors, replacing those rows",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     p.add_argument(
         "--commit-interval",
@@ -154,6 +223,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         compile=args.compile,
         commit_interval_s=args.commit_interval,
         decode=args.decode,
+        max_object_bytes=args.max_object_bytes,
+        retry_errors=args.retry_errors,
     )
 
 
@@ -204,5 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if summary.error_rate > config.max_error_rate else 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` as the command runs it: SIGINT and SIGTERM stop it with one sentence and status 3."""
+    install_signal_handlers()
+    try:
+        return main(argv)
+    except Stopped as e:  # the run's clean-up has run; a local Ray shuts down as the process exits
+        print(f"stopped by {e.name}: {RERUN}.", file=sys.stderr)
+        return 3
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

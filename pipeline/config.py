@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ DEFAULT_MAX_ERROR_RATE = 0.05
 # benchmarks/ are at 512; 256 keeps ViT-H/14 well inside a 16 GB card); on CPUs larger batches gain nothing.
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 64
+DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # a larger loose file, tar member or Parquet value is an error row
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,8 @@ class JobConfig:
     compile: bool = False
     decode: str = "cpu"  # cpu: decode in CPU tasks; gpu: JPEGs decoded in the model actor (nvJPEG on GPU)
     commit_interval_s: float = 10.0  # how often complete units are committed while the run goes on
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # larger objects become error rows, unread
+    retry_errors: bool = False  # re-read and re-embed the inputs whose committed rows are errors
     extra: dict[str, str] = field(default_factory=dict)  # free-form metadata recorded in the footer
 
     def __post_init__(self) -> None:
@@ -78,6 +82,20 @@ class JobConfig:
                 f"--num-actors must be at least 1, not {self.num_actors}.",
             ),
             (
+                self.actor_cpus is None or (math.isfinite(self.actor_cpus) and self.actor_cpus > 0),
+                f"--actor-cpus must be a positive number of CPUs, not {self.actor_cpus}.",
+            ),
+            (
+                self.max_object_bytes >= 1,
+                f"--max-object-bytes must be at least 1, not {self.max_object_bytes}.",
+            ),
+            (
+                0 <= self.commit_interval_s < math.inf,
+                f"--commit-interval is a number of seconds, 0 or more, not {self.commit_interval_s}.",
+            ),
+            _check_triple("--mean", self.mean, positive=False),
+            _check_triple("--std", self.std, positive=True),
+            (
                 self.device in ("auto", "cuda", "cpu"),
                 f"--device must be auto, cuda or cpu, not {self.device!r}.",
             ),
@@ -90,6 +108,18 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+def _check_triple(option: str, values: tuple[float, ...] | None, *, positive: bool) -> tuple[bool, str]:
+    """(ok, message) for --mean / --std: three finite numbers (R, G, B), all above 0 for --std."""
+    if values is None:
+        return True, ""
+    shown = ",".join(f"{v:g}" for v in values)
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        return False, f"{option} must be three finite numbers (R,G,B), e.g. 0.5,0.5,0.5, not {shown}."
+    if positive and not all(v > 0 for v in values):
+        return False, f"{option} must be above 0 for every channel (it divides the pixels), not {shown}."
+    return True, ""
 
 
 def _overlap(a: str, b: str) -> bool:
