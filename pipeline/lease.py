@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.ledger import OutputConflictError
 from pipeline.storage import is_s3, resolve_uri, s3_client, split_s3_uri
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ LEASE_S = 120.0  # a lease not renewed for this long is stale
 RENEW_S = 20.0
 
 
-class OutputBusyError(RuntimeError):
+class OutputBusyError(OutputConflictError):
     """Another run holds the output's lease; the message names it."""
 
 

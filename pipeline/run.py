@@ -313,33 +313,91 @@ class ActorStage:
     task_slots: float  # CPUs left for the read/decode/write tasks
     description: str
     batch_size: int  # images per model call
+    note: str = ""  # one sentence when fewer actors run than were asked for (they did not fit)
 
 
 def actor_stage(config: JobConfig, plan_: Plan) -> ActorStage:
-    """One model actor per GPU (num_gpus=1) when the cluster has GPUs, else CPU actors."""
+    """One model actor per GPU (num_gpus=1) when the cluster has GPUs, else CPU actors.
+
+    No more actors than fit on the cluster's alive nodes, each actor whole on one node, with one CPU left
+    somewhere for the read/decode tasks (without it the actors would wait for rows forever): fewer than
+    asked for run with a `note`, none fitting is a ConfigError naming the numbers.
+    """
     import ray
 
+    from pipeline.config import ConfigError
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1.0)
     memory = int(plan_.num_params * 4 * 2 + 2**30)  # fp32 weights twice (load + device) + torch runtime
     if config.device in ("auto", "cuda") and gpus > 0:
-        size = config.num_actors or gpus
+        wanted = config.num_actors or gpus
         args: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1, "memory": memory}
         batch = config.batch_size or GPU_BATCH_SIZE
-        description = f"{size} GPU actor(s), {batch} images per call"
+        what = "GPU model actor"
     elif config.device == "cuda":
         raise JobFailed("--device cuda was given but the Ray cluster has no GPU; use --device auto or cpu.")
     else:
         # Half of the smallest node: an actor must fit again on a surviving node, next to decode tasks,
         # if its node goes away (measured: a 2-CPU actor on 2-CPU nodes never restarted after a removal).
-        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] or [cpus]
+        # Nodes without CPUs (a KubeRay head with num-cpus 0) hold no actor and do not count.
+        node_cpus = [n.get("CPU", 0.0) for n in nodes if n.get("CPU", 0.0) > 0] or [cpus]
         actor_cpus = config.actor_cpus or max(1.0, math.floor(min(node_cpus) / 2))
-        size = config.num_actors or 1
+        wanted = config.num_actors or 1
         # `memory` differs from the decode tasks' resources, so Ray Data does not fuse decode into the actor.
         args = {"num_cpus": actor_cpus, "memory": memory}
         batch = config.batch_size or CPU_BATCH_SIZE
-        description = f"{size} CPU actor(s) x {actor_cpus:g} CPUs, {batch} images per call"
-    return ActorStage(args, size, max(1.0, cpus - size * args["num_cpus"]), description, batch)
+        what = "model actor"
+    need = {"CPU": float(args["num_cpus"]), "GPU": float(args.get("num_gpus", 0)), "memory": float(memory)}
+
+    def fits(node: dict[str, float], spare_cpus: float = 0.0) -> int:
+        """Actors that fit on `node` with `spare_cpus` of its CPUs kept free (a node that reports no
+        `memory` resource is not limited by it)."""
+        free = {"memory": math.inf, **node, "CPU": node.get("CPU", 0.0) - spare_cpus}
+        return max(0, math.floor(min(free.get(k, 0.0) / v + 1e-6 for k, v in need.items() if v > 0)))
+
+    per_node = [fits(n) for n in nodes]
+    # One CPU for reading and decoding: keep it on the node where it costs the fewest actors.
+    cost = [k - fits(n, 1.0) for n, k in zip(nodes, per_node) if n.get("CPU", 0.0) >= 1.0]
+    size = min(wanted, sum(per_node) - min(cost, default=sum(per_node)))
+    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in need}
+    gib = 2**30
+    each = f"{need['CPU']:g} CPU{'' if need['CPU'] == 1 else 's'}" + (", 1 GPU" if need["GPU"] else "")
+    each += f" and {need['memory'] / gib:.1f} GiB of Ray's memory resource"
+    if size < 1:
+        if max(per_node, default=0) >= 1 or not cost:
+            fix = (
+                f"use --actor-cpus {math.floor(largest['CPU'] - 1):g} or less"
+                if largest["CPU"] >= 2 and not need["GPU"]
+                else "run it where there are at least 2 CPUs"
+            )
+            problem = (
+                f"the read/decode tasks need 1 CPU besides the actor's {need['CPU']:g}, and the largest "
+                f"node has {largest['CPU']:g} in all; {fix}"
+            )
+        elif not need["GPU"] and largest["CPU"] < need["CPU"]:
+            problem = (
+                f"--actor-cpus {need['CPU']:g} needs {need['CPU']:g} CPUs per model actor; the largest node "
+                f"has {largest['CPU']:g}"
+            )
+        else:
+            problem = (
+                f"a {config.model} actor needs {each} on one node, and no alive node has them all (the "
+                f"largest: {largest['CPU']:g} CPUs, {largest['GPU']:g} GPUs, "
+                f"{largest['memory'] / gib:.1f} GiB)"
+            )
+        raise ConfigError(f"No {what} fits on this Ray cluster: {problem}.")
+    note = ""
+    if size < wanted:
+        asked = f"--num-actors {wanted}" if config.num_actors else f"{wanted} (one per GPU)"
+        note = (
+            f"Running {size} {what}(s) instead of {asked}: no more fit on the cluster's nodes with a CPU "
+            f"left for reading and decoding (each actor takes {each})."
+        )
+    kind = "GPU actor(s)" if need["GPU"] else f"CPU actor(s) x {need['CPU']:g} CPUs"
+    description = f"{size} {kind}, {batch} images per call"
+    return ActorStage(args, size, max(1.0, cpus - size * args["num_cpus"]), description, batch, note)
 
 
 def files_per_unit(num_files: int, task_slots: float) -> int:
@@ -381,6 +439,9 @@ def _read_and_decode(batch: dict, read_kwargs: dict, decode_kwargs: dict | None)
     for unit, shards_json in zip(batch["unit"], batch["shards"]):
         shards = json.loads(shards_json)
         columns = {k: np.array([s[k] for s in shards], dtype=object) for k in ("path", "rel", "kind", "size")}
+        columns["keys"] = np.empty(len(shards), dtype=object)  # element by element: lists must stay lists
+        for i, s in enumerate(shards):
+            columns["keys"][i] = s.get("keys")
         held, total = None, 0
         rows_iter = read(columns)
         while True:
