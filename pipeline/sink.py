@@ -2,14 +2,15 @@
 
 Layout of an output directory::
 
-    part-<run_id>-u<unit>-<id>.parquet   data, visible to pyarrow.dataset / DuckDB / Polars / Spark
-    _staging/<run_id>/…                  parts being written; invisible (leading underscore)
+    part-<run_id>-u<unit>.parquet        data, one file per unit of work, visible to pyarrow.dataset /
+                                         DuckDB / Polars / Spark
+    _staging/<run_id>/…                  parts being written and units being committed; invisible
     _runs/<run_id>/…                     the ledger (pipeline/ledger.py)
 
-Write tasks write each batch's rows as one part per unit of work into `_staging/<run_id>/` under a fresh
-name (a retried task writes new names; its abandoned attempt is never committed). The driver moves the
-parts of a unit into place once every row of the unit is staged, then records the commit in the ledger
-(pipeline/run.py), so a unit's rows become visible together or not at all.
+Write tasks write each block's rows as one part per unit of work into `_staging/<run_id>/` under a fresh
+name (a retried task writes new names; its abandoned attempt is never committed). The commit loop
+(pipeline/commit.py) stages a complete unit as one file, records it, and moves it into place, so a unit's
+rows become visible together, and only once committed.
 """
 
 from __future__ import annotations
