@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from pipeline.sink import STAGING_DIR, make_dirs, write_json
+from pipeline.sink import STAGING_DIR, make_dirs, relative_path, write_json
 from pipeline.storage import resolve_uri
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Ledger:
             return ledger
         placed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
         staged = {
-            _relative(root, i.path)
+            relative_path(root, i.path)
             for i in fs.get_file_info(
                 pafs.FileSelector(f"{root}/{STAGING_DIR}", recursive=True, allow_not_found=True)
             )
@@ -193,10 +193,6 @@ def _units(record: dict) -> list[UnitRecord]:
     return [UnitRecord(f, None, shards if i == 0 else {}) for i, f in enumerate(files)] or [
         UnitRecord(None, None, shards)
     ]
-
-
-def _relative(root: str, path: str) -> str:
-    return path[len(root) + 1 :] if path.startswith(root + "/") else path
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> dict:

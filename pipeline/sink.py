@@ -208,7 +208,7 @@ class ParquetSink:
 
     def relative(self, path: str) -> str:
         """A path in the output's filesystem → relative to the output (as commit records name files)."""
-        return _relative(resolve_uri(self.output)[1], path)
+        return relative_path(resolve_uri(self.output)[1], path)
 
     def stage_unit(self, parts: list[Part]) -> str:
         """One unit's rows as ONE staged file, ready to be moved into place; returns its path relative to
@@ -216,14 +216,14 @@ class ParquetSink:
         (idempotent: a retried merge writes the same file again). The parts are left for `delete_parts`."""
         fs, root = resolve_uri(self.output)
         if len(parts) == 1:
-            return _relative(root, parts[0].staged)
+            return relative_path(root, parts[0].staged)
         name = self.final_name(parts[0].unit)
         schema = self.spec.schema(self.metadata)
         merged = f"{root}/{self.staging_dir}/{name}"
         write_parquet(
             (pq.read_table(p.staged, filesystem=fs, schema=schema) for p in parts), fs, merged, schema
         )
-        return _relative(root, merged)
+        return relative_path(root, merged)
 
     def stage_replacement(
         self, parts: list[Part], file: str, drop: Iterable[str], file_shards: list[str]
@@ -251,7 +251,7 @@ class ParquetSink:
         else:  # loose files: each key is its file's path
             by_key = dict(zip(keys, bad))
             counts = {rel: (int(rel in by_key), int(by_key.get(rel, False))) for rel in file_shards}
-        return _relative(root, staged), counts
+        return relative_path(root, staged), counts
 
     def move_into_place(self, staged: str, name: str) -> None:
         """Moves a staged file (path relative to the output) to `name` in the dataset, replacing a file of
@@ -301,7 +301,8 @@ def part_from_json(text: str) -> Part:
     return Part(**d)
 
 
-def _relative(root: str, path: str) -> str:
+def relative_path(root: str, path: str) -> str:
+    """`path` (in the output's filesystem) relative to the output's `root`."""
     if not path.startswith(root + "/"):
         raise ValueError(f"{path!r} is not under the output {root!r}")
     return path[len(root) + 1 :]
