@@ -123,13 +123,24 @@ def _check_triple(option: str, values: tuple[float, ...] | None, *, positive: bo
 
 
 def _overlap(a: str, b: str) -> bool:
-    """True when one location is the other or lies inside it."""
+    """True when one location is the other or lies inside it.
+
+    Local paths are compared after resolving symlinks, so an output that is a symlink into the input (or
+    an input reached through a symlink into the output) counts as inside it. S3 URIs are compared as bucket
+    and literal key, as pipeline.storage splits them.
+    """
+    from pipeline.storage import InputError, is_s3, local_path, split_s3_uri
 
     def norm(u: str) -> str:
-        u = u.removeprefix("file://")
-        if not u.startswith("s3://"):
-            u = os.path.abspath(u)
-        return u.rstrip("/") + "/"
+        try:
+            if is_s3(u):
+                bucket, key = split_s3_uri(u.strip())
+                return f"s3://{bucket}/{key}/" if key else f"s3://{bucket}/"
+            if "://" in u and not u.strip().lower().startswith("file://"):
+                return u.strip().rstrip("/") + "/"  # not a location this job reads: resolve_uri refuses it
+            return os.path.realpath(local_path(u)).rstrip("/") + "/"
+        except InputError:
+            return u.strip().rstrip("/") + "/"
 
     if not a or not b:
         return False

@@ -10,10 +10,19 @@ Inputs (``--input``: a local directory, a ``file://`` URI or ``s3://bucket/prefi
 - Parquet files with an image-bytes column (``binary``, or a struct with a ``bytes`` field as Hugging Face
   datasets write it); key = ``<file rel>#<row index>``, or ``str(value)`` of ``key_column`` when given.
 
+S3 keys are read as they are: ``%``, ``#``, ``?``, ``+``, ``=``, spaces and unicode in the prefix and in
+the object names are key characters (see pipeline/storage.py).
+
 Listing ignores every path with a component starting with ``_`` or ``.`` (markers, hidden files, staging
-dirs), as pyarrow.dataset and Spark do. ``format="auto"`` decides by extension: all ``.tar`` → webdataset,
-all ``.parquet`` → parquet, neither present → loose files; a mix of containers and other objects is an
-:class:`InputError` asking for ``--format``. A forced ``webdataset``/``parquet`` reads only the objects with
+dirs), as pyarrow.dataset and Spark do. In a local input, symlinked directories are not entered: a link back
+up the tree would otherwise list the same images again and again (a loop is followed until the OS gives
+up), and a link to a directory elsewhere would read what lies outside the input. A symlinked file is a file:
+it is read once, under its own name (the link's path relative to the input); a dangling one becomes an
+error row. The input root itself may be a symlink. Sockets, FIFOs and devices are skipped.
+
+``format="auto"`` decides by extension: all ``.tar`` → webdataset, all ``.parquet`` → parquet, neither
+present → loose files; a mix of containers and other objects is an :class:`InputError` asking for
+``--format``. A forced ``webdataset``/``parquet`` reads only the objects with
 that extension (sidecar files such as indexes are skipped); a forced ``files`` reads every object.
 
 Nothing in :class:`ReadShards` raises for a bad input: every problem becomes a row whose ``error`` starts with
@@ -22,10 +31,19 @@ unreadable or unsuitable Parquet file, unreadable row groups) yields ONE row per
 ``<shard rel>#.error`` (:data:`SHARD_ERROR_SUFFIX`); that key cannot clash with a sample key (a sample key's
 last component never contains a dot) nor with a row index, so it is unique and deterministic.
 
+A retry reads only some rows again: a :class:`Shard` whose ``keys`` is set yields only the rows with those
+keys (a loose file's key is its rel, so it is read or not); ``<rel>#.error`` among them re-reads the whole
+shard.
+
+Before anything runs, the driver can check the input with :func:`check_parquet_columns` (one file's footer:
+is there an image column, and the key column?) and :func:`check_unique_keys` (the key column's values are
+unique across the files and new to the output); both raise :class:`InputError`.
+
 Memory: a tar shard is streamed; a sample is emitted as soon as its top-preference (``.jpg``) member is read,
 other samples are held (their image bytes only) until the end of the shard, or until ``max_pending_bytes``
 is exceeded, when the held samples that have an image are emitted early. Parquet is read one record batch of
-``rows_per_batch`` rows at a time. No object larger than ``max_image_bytes`` is read into memory.
+``rows_per_batch`` rows at a time. No object larger than ``max_image_bytes`` (``--max-object-bytes``) is
+read into memory: a larger loose file, tar member or Parquet value is an error row that names the option.
 
 Transient S3 failures are retried by the AWS SDK (``AwsStandardS3RetryStrategy``, exponential backoff) and
 then, for failures in the middle of a body, ``retries`` more times here (a tar shard is re-streamed, samples
@@ -36,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +66,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.storage import InputError, resolve_uri
+from pipeline.storage import InputError, is_s3, resolve_uri
 from pipeline.storage import describe as _describe
 
 log = logging.getLogger(__name__)
@@ -76,11 +95,20 @@ class Shard:
     rel: str  # path relative to the input root, '/' separators
     kind: str  # "file" | "webdataset" | "parquet"
     size: int
+    keys: tuple[str, ...] | None = None  # read only these rows' keys (a retry); None: every row
 
 
 def shards_to_items(shards: list[Shard]) -> list[dict[str, Any]]:
-    """Rows for ``ray.data.from_items``: the columns ReadShards expects (path, rel, kind, size)."""
-    return [asdict(s) for s in shards]
+    """Rows for ``ray.data.from_items``: the columns ReadShards expects (path, rel, kind, size, keys), with
+    ``keys`` None or a list."""
+    return [{**asdict(s), "keys": None if s.keys is None else list(s.keys)} for s in shards]
+
+
+def _wanted(shard: Shard) -> frozenset[str] | None:
+    """The keys to emit from a shard; None for every row (no filter, or the shard's error key is in it)."""
+    if shard.keys is None or shard.rel + SHARD_ERROR_SUFFIX in shard.keys:
+        return None
+    return frozenset(shard.keys)
 
 
 def _hidden(rel: str) -> bool:
@@ -107,6 +135,8 @@ def list_shards(uri: str, format: str = "auto") -> list[Shard]:
             raise InputError(f"Input {uri} does not exist.")
         if info.type == pafs.FileType.File:
             entries = [(info, info.base_name)]
+        elif isinstance(fs, pafs.LocalFileSystem):
+            entries = _walk_local(root)
         else:
             selector = pafs.FileSelector(root, recursive=True)
             base = root.rstrip("/") + "/"
@@ -147,6 +177,34 @@ def list_shards(uri: str, format: str = "auto") -> list[Shard]:
             raise InputError(f"Input {uri} has no {suffix} files, which --format {format} reads.")
     shards = [Shard(path=i.path, rel=rel, kind=kind, size=int(i.size or 0)) for i, rel in chosen]
     return sorted(shards, key=lambda s: s.rel)
+
+
+def _walk_local(root: str) -> list[tuple[pafs.FileInfo, str]]:
+    """(info, rel) of the files under a local directory, hidden names pruned; symlinked directories are not
+    entered, a symlinked file is listed as a file (size of its target), a dangling symlink with size 0."""
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    entries = []
+    for top, dirs, files in os.walk(root, onerror=fail):  # followlinks=False: linked dirs are not entered
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        base = os.path.relpath(top, root).replace(os.sep, "/")
+        for name in files:
+            if name.startswith(("_", ".")):
+                continue
+            path = os.path.join(top, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # a dangling symlink: the read stage reports it
+                size = 0
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                size = st.st_size
+            rel = name if base == "." else f"{base}/{name}"
+            entries.append((pafs.FileInfo(path, pafs.FileType.File, size=size), rel))
+    return entries
 
 
 def _listing_error(uri: str, exc: BaseException) -> InputError:
@@ -250,9 +308,10 @@ Row = tuple[str, "bytes | None", "str | None"]  # key, bytes, error (the shard c
 class ReadShards:
     """Ray Data ``map_batches`` callable: shard descriptors in, image rows out (a generator).
 
-    In: columns ``path``, ``rel``, ``kind``, ``size`` (see :func:`shards_to_items`). Out: batches of at most
-    ``rows_per_batch`` rows with ``key`` (str), ``shard`` (str, the Shard's rel), ``bytes`` (bytes or None)
-    and ``error`` (str or None), all numpy object arrays. Never raises for a bad input.
+    In: columns ``path``, ``rel``, ``kind``, ``size`` and optionally ``keys`` (None, or the keys to read
+    again; see :func:`shards_to_items`). Out: batches of at most ``rows_per_batch`` rows with ``key`` (str),
+    ``shard`` (str, the Shard's rel), ``bytes`` (bytes or None) and ``error`` (str or None), all numpy object
+    arrays. Never raises for a bad input. ``max_image_bytes`` is ``--max-object-bytes``.
 
     The filesystem is built lazily in the worker and is not pickled with the callable.
     """
@@ -296,10 +355,15 @@ class ReadShards:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         rows: list[tuple[str, str, bytes | None, str | None]] = []
-        for path, rel, kind, size in zip(
-            batch["path"], batch["rel"], batch["kind"], batch["size"], strict=True
+        keys: Any = batch.get("keys")  # absent, or per shard None or a list of keys (see Shard.keys)
+        if keys is None:
+            keys = [None] * len(batch["path"])
+        for path, rel, kind, size, only in zip(
+            batch["path"], batch["rel"], batch["kind"], batch["size"], keys, strict=True
         ):
-            for key, data, error in self.read_shard(Shard(str(path), str(rel), str(kind), int(size))):
+            only = None if only is None else tuple(str(k) for k in only)
+            shard = Shard(str(path), str(rel), str(kind), int(size), only)
+            for key, data, error in self.read_shard(shard):
                 rows.append((key, str(rel), data, error))
                 if len(rows) >= self.rows_per_batch:
                     yield _to_batch(rows)
@@ -308,7 +372,16 @@ class ReadShards:
             yield _to_batch(rows)
 
     def read_shard(self, shard: Shard) -> Iterator[Row]:
-        """The rows of one shard; an unexpected failure becomes the shard's error row."""
+        """The rows of one shard; an unexpected failure becomes the shard's error row.
+
+        With ``shard.keys`` set, only the rows with those keys (see :func:`_wanted`).
+        """
+        wanted = _wanted(shard)
+        for row in self._read_shard(shard):
+            if wanted is None or row[0] in wanted:
+                yield row
+
+    def _read_shard(self, shard: Shard) -> Iterator[Row]:
         readers: dict[str, Callable[[Shard], Iterator[Row]]] = {
             "file": self._read_file,
             "webdataset": self._read_tar,
@@ -344,11 +417,14 @@ class ReadShards:
         time.sleep(delay)
 
     def _too_big(self, what: str, size: int) -> str:
-        return f"read: {what} is {size} bytes, over the limit of {self.max_image_bytes} bytes"
+        return f"read: {what} is {size} bytes, over --max-object-bytes ({self.max_image_bytes} bytes)"
 
     # -- loose files
 
     def _read_file(self, shard: Shard) -> Iterator[Row]:
+        wanted = _wanted(shard)
+        if wanted is not None and shard.rel not in wanted:
+            return
         if shard.size > self.max_image_bytes:
             yield shard.rel, None, self._too_big("image object", shard.size)
             return
@@ -404,6 +480,7 @@ class ReadShards:
     def _tar_stream(self, shard: Shard, done: set[str], pending: dict[str, _Sample]) -> Iterator[Row]:
         notes = _TarNotes()
         pending_bytes = 0
+        wanted = _wanted(shard)
         with self.fs.open_input_stream(shard.path, compression=None, buffer_size=STREAM_BUFFER_BYTES) as raw:
             try:
                 tf = tarfile.open(  # noqa: SIM115 (closed by the `with tf` below)
@@ -422,6 +499,8 @@ class ReadShards:
                         split = _sample_key(member.name) if member.isfile() else None
                         if split is None or split[0] in done:
                             continue  # dirs, links, names without extension, late members of emitted samples
+                        if wanted is not None and f"{shard.rel}#{split[0]}" not in wanted:
+                            continue  # a retry of other samples
                         key, ext = split
                         sample = pending.setdefault(key, _Sample())
                         sample.exts.append(ext)
@@ -469,44 +548,9 @@ class ReadShards:
         except Exception as e:
             yield err_key, None, f"read: not a readable Parquet file: {_describe(e)}"
             return
-        schema = pf.schema_arrow
-        names = schema.names
-        if self.image_column not in names:
-            yield (
-                err_key,
-                None,
-                (
-                    f"read: Parquet file has no column {self.image_column!r} (columns: {', '.join(names)}); "
-                    "pass --image-column"
-                ),
-            )
-            return
-        image_type = schema.field(self.image_column).type
-        struct_bytes = pa.types.is_struct(image_type)
-        if struct_bytes:
-            idx = image_type.get_field_index("bytes")
-            ok = idx >= 0 and _is_binary(image_type.field(idx).type)
-        else:
-            ok = _is_binary(image_type)
-        if not ok:
-            yield (
-                err_key,
-                None,
-                (
-                    f"read: Parquet column {self.image_column!r} has type {image_type}, not image bytes "
-                    "(binary, or a struct with a binary 'bytes' field); pass --image-column"
-                ),
-            )
-            return
-        if self.key_column is not None and self.key_column not in names:
-            yield (
-                err_key,
-                None,
-                (
-                    f"read: Parquet file has no key column {self.key_column!r} (has: {', '.join(names)}); "
-                    "pass --key-column"
-                ),
-            )
+        problem = parquet_columns_problem(pf.schema_arrow, self.image_column, self.key_column)
+        if problem:
+            yield err_key, None, "read: " + problem
             return
         columns = [self.image_column]
         if self.key_column is not None and self.key_column != self.image_column:
@@ -554,12 +598,23 @@ class ReadShards:
         else:
             key = str(keys[j])
         if isinstance(value, dict):  # struct column (Hugging Face datasets' Image feature)
+            if value.get("bytes") is None and value.get("path"):
+                return key, None, self._path_only(value["path"], index)
             value = value.get("bytes")
         if value is None:
             return key, None, f"read: Parquet column {self.image_column!r} is null in row {index}"
         if len(value) > self.max_image_bytes:
             return key, None, self._too_big(f"image value in row {index}", len(value))
         return key, bytes(value), None
+
+    def _path_only(self, path: str, index: int) -> str:
+        """The error of a Hugging Face Image struct that names a file instead of holding its bytes."""
+        return (
+            f"read: Parquet column {self.image_column!r} holds only a file path ({path!r}) in row {index}, "
+            "not the image bytes, so it was not embedded; export the dataset with the image bytes embedded "
+            "(with `datasets`: embed_external_files, or cast the column to Image(decode=True), before "
+            "to_parquet)"
+        )
 
 
 def _emit(shard: Shard, done: set[str], key: str, sample: _Sample) -> Row:
@@ -583,6 +638,142 @@ def _tar_problem(notes: _TarNotes, end: int) -> str | None:
     elif not notes.problems and not notes.bad_blocks and notes.zero_blocks == 0:
         problems.append(f"no end-of-archive marker after byte {end}: the file looks truncated")
     return "; ".join(problems) or None
+
+
+def _is_image_bytes(t: pa.DataType) -> bool:
+    """Whether a column of type ``t`` holds encoded images: binary, or a struct with a binary ``bytes``
+    field (Hugging Face datasets' Image feature). The one definition, for the reader and the checks."""
+    if pa.types.is_struct(t):
+        idx = t.get_field_index("bytes")
+        return idx >= 0 and _is_binary(t.field(idx).type)
+    return _is_binary(t)
+
+
+def _listed(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def parquet_columns_problem(
+    schema: pa.Schema, image_column: str, key_column: str | None, subject: str = "Parquet file"
+) -> str | None:
+    """Why Parquet data with ``schema`` cannot be read with these columns, as one sentence about
+    ``subject`` (without the final period) that says which option to pass; None when it can.
+
+    The image column must exist and hold image bytes (:func:`_is_image_bytes`); the key column, when given,
+    must exist. The sentence names the columns that do hold image bytes.
+    """
+    names = schema.names
+    images = [f.name for f in schema if _is_image_bytes(f.type) and f.name != image_column]
+    if len(images) == 1:
+        hint = f"the image bytes look to be in {images[0]!r}: pass --image-column {images[0]}"
+    elif images:
+        hint = f"columns holding image bytes: {_listed(images)}; pass --image-column with one of them"
+    else:
+        hint = "no column holds image bytes (binary, or a struct with a binary 'bytes' field)"
+    if image_column not in names:
+        return f"{subject} has no column {image_column!r} (columns: {_listed(names)}); {hint}"
+    image_type = schema.field(image_column).type
+    if not _is_image_bytes(image_type):
+        return (
+            f"{subject} has column {image_column!r} of type {image_type}, not image bytes (binary, or a "
+            f"struct with a binary 'bytes' field); {hint}"
+        )
+    if key_column is not None and key_column not in names:
+        return (
+            f"{subject} has no key column {key_column!r} (columns: {_listed(names)}); pass --key-column "
+            "with one of them, or leave it out to key rows by file and row index"
+        )
+    return None
+
+
+def _where(input_uri: str, shard: Shard) -> str:
+    """A shard's location as a user would type it."""
+    return f"s3://{shard.path}" if is_s3(input_uri) else shard.path
+
+
+def check_parquet_columns(input_uri: str, shard: Shard, image_column: str, key_column: str | None) -> None:
+    """Raises InputError when a Parquet shard lacks the image column, its image column does not hold image
+    bytes, or it lacks the key column; the same checks as the read stage (:func:`parquet_columns_problem`).
+
+    Reads only the file's footer. A file that cannot be read at all is left to the read stage, which turns
+    it into the shard's error row; a shard that is not Parquet is not checked.
+    """
+    if shard.kind != "parquet":
+        return
+    try:
+        with resolve_uri(input_uri)[0].open_input_file(shard.path) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        log.info("not checking the columns of %s: %s", shard.rel, _describe(e, 200))
+        return
+    where = _where(input_uri, shard)
+    problem = parquet_columns_problem(
+        schema, image_column or "image", key_column or None, f"Parquet file {where}"
+    )
+    if problem:
+        raise InputError(problem + ".")
+
+
+def _key_values(fs: pafs.FileSystem, shard: Shard, column: str) -> Iterator[tuple[int, Any]]:
+    """(row index, value) of one column of a Parquet shard, one record batch at a time; nothing when the
+    file cannot be read or lacks the column (the read stage reports those)."""
+    try:
+        with fs.open_input_file(shard.path) as f:
+            pf = pq.ParquetFile(f, buffer_size=STREAM_BUFFER_BYTES, pre_buffer=False)
+            if column not in pf.schema_arrow.names:
+                return
+            index = 0
+            for rb in pf.iter_batches(batch_size=65_536, columns=[column], use_threads=False):
+                for value in rb.column(0).to_pylist():
+                    yield index, value
+                    index += 1
+    except (OSError, pa.ArrowException) as e:
+        log.info("not checking the keys of %s: %s", shard.rel, _describe(e, 200))
+
+
+def check_unique_keys(
+    input_uri: str,
+    shards: list[Shard],
+    key_column: str,
+    existing: set[str] | frozenset[str] = frozenset(),
+) -> None:
+    """Raises InputError at the first value of ``key_column`` that two rows share, or that ``existing``
+    (the keys already in --output) holds: the output holds each key once. Keys compare as the read stage
+    makes them (``str(value)``); null values are not keys (the read stage makes them error rows).
+
+    Reads only that column of each Parquet shard, one record batch at a time; memory grows with the number
+    of distinct keys. Shards that are not Parquet are skipped.
+    """
+    fs = resolve_uri(input_uri)[0]
+    seen: dict[str, tuple[Shard, int]] = {}
+    for shard in shards:
+        if shard.kind != "parquet":
+            continue
+        for index, value in _key_values(fs, shard, key_column):
+            if value is None:
+                continue
+            key = str(value)
+            if key in existing:
+                raise InputError(
+                    f"Key column {key_column!r} holds {_shown(key)!r} in {_where(input_uri, shard)} row "
+                    f"{index}, a key already in --output, which holds each key once: choose a --key-column "
+                    "whose values are unique, or write to a new --output."
+                )
+            first = seen.get(key)
+            if first is None:
+                seen[key] = (shard, index)
+            else:
+                raise InputError(
+                    f"Key column {key_column!r} holds {_shown(key)!r} more than once, in "
+                    f"{_where(input_uri, first[0])} row {first[1]} and {_where(input_uri, shard)} row "
+                    f"{index}; the output holds each key once: choose a --key-column whose values are "
+                    "unique, or leave it out to key rows by file and row index."
+                )
+
+
+def _shown(key: str, limit: int = 80) -> str:
+    return key if len(key) <= limit else key[: limit - 1] + "…"
 
 
 def _is_binary(t: pa.DataType) -> bool:

@@ -3,11 +3,21 @@
 A location is a local path, a ``file://`` URI or ``s3://bucket/key-prefix``. S3 keys are literal: the URI
 is split at the first ``/`` after the bucket and nothing else is parsed, so ``%``, ``#``, ``?``, ``+``,
 ``=``, spaces and unicode are key characters, never URL syntax.
+
+On S3, pyarrow's ``S3FileSystem`` keeps "directories" alive with 0-byte marker objects (keys ending in
+``/``): ``delete_file`` and ``move`` write one for the parent that they may have emptied, ``delete_dir``
+and ``delete_dir_contents`` for the parent of what they removed (so removing ``<output>/_staging`` leaves
+an object ``<output>/``), ``create_dir`` one per level. A prefix needs no marker, and markers show up as
+empty "files" in other tools, so everything that removes or moves data goes through :func:`delete_file`,
+:func:`delete_tree` and :func:`move` here, which call S3 directly (boto3) and write no marker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import threading
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -17,6 +27,8 @@ S3_MAX_ATTEMPTS = 5
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_REQUEST_TIMEOUT_S = 60.0  # a stalled transfer fails (and is retried) instead of hanging forever
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+S3_COPY_MAX_BYTES = 5 * 2**30  # CopyObject's limit; larger objects are copied in parts
+S3_DELETE_BATCH = 1000  # DeleteObjects' limit per request
 
 
 class InputError(ValueError):
@@ -44,15 +56,9 @@ def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     if not isinstance(uri, str) or not uri.strip():
         raise InputError("No input given: pass a local directory or an s3://bucket/prefix URI.")
     uri = uri.strip()
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), _local_path(uri)
-    scheme, rest = uri.split("://", 1)
-    scheme = scheme.lower()
-    if scheme == "file":  # a URL: percent-escapes are decoded, '#' and '?' stay part of the path
-        host, slash, path = rest.partition("/")
-        if host not in ("", "localhost"):
-            raise InputError(f"Cannot use {uri!r}: file:// URIs must name a local path (file:///abs/path).")
-        return pafs.LocalFileSystem(), _local_path(unquote(slash + path))
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if scheme == "file":
+        return pafs.LocalFileSystem(), local_path(uri)
     if scheme == "s3":
         bucket, key = split_s3_uri(uri)
         return s3_filesystem(), f"{bucket}/{key}" if key else bucket
@@ -65,8 +71,19 @@ def is_s3(uri: str) -> bool:
     return uri.strip().lower().startswith("s3://")
 
 
-def _local_path(path: str) -> str:
-    path = os.path.abspath(os.path.expanduser(path))
+def local_path(uri: str) -> str:
+    """A local path or ``file://`` URI → an absolute path without trailing ``/`` (symlinks not resolved).
+
+    A plain path is taken as it is (``~`` expanded). A ``file://`` URI is a URL: its percent-escapes are
+    decoded, while ``#`` and ``?`` stay part of the path.
+    """
+    uri = uri.strip()
+    if uri.lower().startswith("file://"):
+        host, slash, path = uri[len("file://") :].partition("/")
+        if host not in ("", "localhost"):
+            raise InputError(f"Cannot use {uri!r}: file:// URIs must name a local path (file:///abs/path).")
+        uri = unquote(slash + path)
+    path = os.path.abspath(os.path.expanduser(uri))
     return path if path == "/" else path.rstrip("/")
 
 
@@ -108,12 +125,15 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 def s3_client() -> Any:
     """A boto3 S3 client with the same endpoint, region, retries and timeouts as :func:`s3_filesystem`, for
-    what pyarrow cannot do (conditional writes)."""
+    what pyarrow cannot do (conditional writes, removing and moving without directory markers).
+
+    Each call builds a new client in its own boto3 session, so threads may call it concurrently.
+    """
     import boto3
     from botocore.config import Config
 
     endpoint = _endpoint()
-    return boto3.client(
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=f"{endpoint[0]}://{endpoint[1]}" if endpoint else None,
         region_name=_region(),
@@ -139,3 +159,141 @@ def describe(exc: BaseException, limit: int = 400) -> str:
     msg = " ".join(str(exc).split())
     text = redact(f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Removing and moving without directory markers
+
+_clients: dict[tuple[str | None, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _shared_client() -> Any:
+    """One :func:`s3_client` per process and AWS environment (clients are thread-safe, building one is not
+    cheap); a changed endpoint, region, key id or profile gets a new one."""
+    env = (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+    )
+    key = tuple(os.environ.get(name) for name in env)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = s3_client()
+        return client
+
+
+def _bucket_key(path: str) -> tuple[str, str]:
+    """An S3FileSystem path ``bucket/key`` → (bucket, key)."""
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _os_error(exc: Exception, path: str) -> OSError:
+    """A botocore error as the OSError pyarrow would raise: FileNotFoundError, PermissionError or OSError."""
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+        return FileNotFoundError(f"s3://{path} does not exist ({describe(exc, 200)})")
+    if code in ("403", "AccessDenied"):
+        return PermissionError(f"access to s3://{path} was denied ({describe(exc, 200)})")
+    return OSError(f"s3://{path}: {describe(exc, 300)}")
+
+
+def delete_file(fs: pafs.FileSystem, path: str) -> None:
+    """Removes one file (a path in ``fs``, as :func:`resolve_uri` gives). A missing file is not an error.
+
+    On S3 this is one DeleteObject and, unlike ``S3FileSystem.delete_file``, writes no marker object for the
+    parent "directory" it may leave empty.
+    """
+    if isinstance(fs, pafs.S3FileSystem):
+        bucket, key = _bucket_key(path)
+        try:
+            _shared_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise _os_error(e, path) from e
+        return
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+def delete_tree(fs: pafs.FileSystem, path: str) -> int:
+    """Removes the directory ``path`` and everything under it; returns how many files (on S3: objects,
+    directory markers included) it removed. A missing directory removes nothing and is not an error.
+
+    On S3 this lists the keys under ``<path>/`` and removes them with DeleteObjects, 1000 per request, and,
+    unlike ``S3FileSystem.delete_dir``, writes no marker object for the parent. A bucket is never removed
+    whole: ``path`` must name a prefix inside one. Locally, symlinks are removed, never followed.
+    """
+    if isinstance(fs, pafs.S3FileSystem):
+        bucket, prefix = _bucket_key(path.rstrip("/"))
+        if not prefix:
+            raise ValueError(f"delete_tree needs a prefix inside the bucket, not the whole bucket {bucket!r}")
+        client, removed = _shared_client(), 0
+        try:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for page in pages:
+                keys = [obj["Key"] for obj in page.get("Contents", [])]
+                for i in range(0, len(keys), S3_DELETE_BATCH):
+                    batch = [{"Key": k} for k in keys[i : i + S3_DELETE_BATCH]]
+                    answer = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                    if answer.get("Errors"):
+                        first = answer["Errors"][0]
+                        raise OSError(
+                            f"could not remove {len(answer['Errors'])} object(s) under s3://{path}, e.g. "
+                            f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')}".rstrip()
+                        )
+                    removed += len(batch)
+        except OSError:
+            raise
+        except Exception as e:
+            raise _os_error(e, path) from e
+        return removed
+    if isinstance(fs, pafs.LocalFileSystem):
+        if os.path.islink(path):
+            os.unlink(path)
+            return 1
+        if not os.path.isdir(path):
+            return 0
+        removed = sum(  # files, and symlinks to directories (listed as directories, never walked)
+            len(files) + sum(os.path.islink(os.path.join(top, d)) for d in dirs)
+            for top, dirs, files in os.walk(path)
+        )
+        shutil.rmtree(path)
+        return removed
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    if not infos and fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return 0
+    fs.delete_dir(path)
+    return sum(1 for i in infos if i.type == pafs.FileType.File)
+
+
+def move(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Moves one file to ``dst``, replacing what is there. Locally a rename (atomic); on S3 a server-side
+    copy (one CopyObject up to 5 GiB, a multipart copy above) then a DeleteObject of ``src``: ``dst``
+    appears whole or not at all, and, unlike ``S3FileSystem.move``, no marker object is written for the
+    parent of ``src``. A missing ``src`` raises FileNotFoundError.
+    """
+    if not isinstance(fs, pafs.S3FileSystem):
+        fs.move(src, dst)
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    (src_bucket, src_key), (dst_bucket, dst_key) = _bucket_key(src), _bucket_key(dst)
+    client = _shared_client()
+    try:
+        client.copy(
+            {"Bucket": src_bucket, "Key": src_key},
+            dst_bucket,
+            dst_key,
+            Config=TransferConfig(
+                multipart_threshold=S3_COPY_MAX_BYTES, multipart_chunksize=512 * 2**20, use_threads=False
+            ),
+        )
+    except Exception as e:
+        raise _os_error(e, src) from e
+    delete_file(fs, src)

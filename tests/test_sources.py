@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.config import ConfigError, JobConfig
 from pipeline.sources import (
     SHARD_ERROR_SUFFIX,
     InputError,
     ReadShards,
+    Shard,
+    check_parquet_columns,
+    check_unique_keys,
     list_shards,
     resolve_uri,
     shards_to_items,
@@ -64,14 +69,23 @@ def parquet_bytes(table: pa.Table, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def read_all(uri: str, fmt: str = "auto", **kwargs) -> list[tuple[str, str, bytes | None, str | None]]:
+def items_batch(shards: list[Shard]) -> dict[str, np.ndarray]:
+    """The batch ReadShards gets from Ray Data for these shards (one column per item field)."""
+    items = shards_to_items(shards)
+    batch = {k: np.array([item[k] for item in items]) for k in ("path", "rel", "kind", "size")}
+    batch["keys"] = np.empty(len(items), dtype=object)
+    batch["keys"][:] = [item["keys"] for item in items]
+    return batch
+
+
+def read_all(
+    uri: str, fmt: str = "auto", shards: list[Shard] | None = None, **kwargs
+) -> list[tuple[str, str, bytes | None, str | None]]:
     """Lists and reads `uri`, returning (key, shard, bytes, error) rows; checks the batch contract."""
-    shards = list_shards(uri, fmt)
+    shards = list_shards(uri, fmt) if shards is None else shards
     reader = ReadShards(uri, **kwargs)
     limit = kwargs.get("rows_per_batch", 256)
-    batch = {
-        k: np.array([item[k] for item in shards_to_items(shards)]) for k in ("path", "rel", "kind", "size")
-    }
+    batch = items_batch(shards)
     rows: list[tuple[str, str, bytes | None, str | None]] = []
     for out in reader(batch):
         assert list(out) == ["key", "shard", "bytes", "error"]
@@ -162,6 +176,7 @@ def test_list_loose_files_recursive_sorted_hidden_ignored(tmp_path: Path) -> Non
         "rel": "a.png",
         "kind": "file",
         "size": len(PNG),
+        "keys": None,
     }
 
 
@@ -232,7 +247,7 @@ def test_loose_file_vanished_and_too_large(tmp_path: Path) -> None:
     reader = ReadShards(str(tmp_path), max_image_bytes=4096, retry_backoff_s=0)
     rows = {key: (data, err) for s in shards for key, data, err in reader.read_shard(s)}
     assert rows["ok.png"] == (PNG, None)
-    assert rows["big.png"][1] == "read: image object is 5000 bytes, over the limit of 4096 bytes"
+    assert rows["big.png"][1] == "read: image object is 5000 bytes, over --max-object-bytes (4096 bytes)"
     assert rows["gone.jpg"][0] is None and "FileNotFoundError" in str(rows["gone.jpg"][1])
 
 
@@ -289,7 +304,7 @@ def test_tar_member_over_limit_and_empty_tar(tmp_path: Path) -> None:
     )
     rows = read_all(str(tmp_path), max_image_bytes=2048)
     assert by_key(rows) == {
-        "a.tar#big": (None, "read: tar member 'big.png' is 3000 bytes, over the limit of 2048 bytes"),
+        "a.tar#big": (None, "read: tar member 'big.png' is 3000 bytes, over --max-object-bytes (2048 bytes)"),
         "a.tar#ok": (PNG, None),
     }
 
@@ -405,7 +420,20 @@ def test_parquet_custom_and_struct_columns(tmp_path: Path) -> None:
     got = by_key(read_all(str(tmp_path), image_column="img", key_column="n"))
     assert got["1"] == (PNG, None)
     assert got["2"] == (None, "read: Parquet column 'img' is null in row 1")
-    assert got["3"] == (None, "read: Parquet column 'img' is null in row 2")
+    assert got["3"] == (
+        None,
+        "read: Parquet column 'img' holds only a file path ('y') in row 2, not the image bytes, so it was "
+        "not embedded; export the dataset with the image bytes embedded (with `datasets`: "
+        "embed_external_files, or cast the column to Image(decode=True), before to_parquet)",
+    )
+    empty_path = pa.table({"img": [{"bytes": None, "path": ""}, {"bytes": b"x" * 100, "path": "z"}]})
+    write_files(tmp_path / "e", {"e.parquet": parquet_bytes(empty_path)})
+    got = by_key(read_all(str(tmp_path / "e"), image_column="img", max_image_bytes=99))
+    assert got["e.parquet#0"] == (None, "read: Parquet column 'img' is null in row 0")
+    assert got["e.parquet#1"] == (
+        None,
+        "read: image value in row 1 is 100 bytes, over --max-object-bytes (99 bytes)",
+    )
 
 
 def test_parquet_missing_or_wrong_column(tmp_path: Path) -> None:
@@ -420,9 +448,15 @@ def test_parquet_missing_or_wrong_column(tmp_path: Path) -> None:
     got = by_key(read_all(str(tmp_path), key_column=None))
     assert got["a.parquet#.error"] == (
         None,
-        "read: Parquet file has no column 'image' (columns: jpg, caption); pass --image-column",
+        "read: Parquet file has no column 'image' (columns: jpg, caption); the image bytes look to be in "
+        "'jpg': pass --image-column jpg",
     )
-    assert "has type int64" in got["b.parquet#.error"][1]
+    assert got["b.parquet#.error"] == (
+        None,
+        "read: Parquet file has column 'image' of type int64, not image bytes (binary, or a struct with a "
+        "binary 'bytes' field); no column holds image bytes (binary, or a struct with a binary 'bytes' "
+        "field)",
+    )
     assert got["c.parquet#0"] == (JPG, None)
     missing_key = by_key(read_all(str(tmp_path / "c.parquet"), key_column="id"))
     assert "no key column 'id'" in missing_key["c.parquet#.error"][1]
@@ -448,6 +482,217 @@ def test_parquet_corrupt_row_group_keeps_the_others(tmp_path: Path) -> None:
     for i in (0, 1, 4, 5):
         assert got[f"rg.parquet#{i}"] == (bytes([i]) * 300, None)
     assert "row group 1 (rows 2–3) unreadable" in got["rg.parquet#.error"][1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# local symlinks: directories are not entered, files are files
+
+
+def test_symlinked_directories_are_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    write_files(root, {"a.jpg": JPG, "sub/b.png": PNG, "sub/c.jpg": JPG})
+    write_files(tmp_path / "elsewhere", {"far.jpg": JPG})
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a loop: once 123 rows out of 3 images
+    (root / "sub" / "up").symlink_to("..", target_is_directory=True)
+    (root / "far").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "sub" / "alias.jpg").symlink_to(root / "a.jpg")  # a symlinked file: read once, as a file
+    (root / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # dangling: an error row, not a silent gap
+    os.mkfifo(root / "pipe.jpg")  # would block a reader forever: skipped
+    shards = list_shards(str(root))
+    assert [(s.rel, s.size) for s in shards] == [
+        ("a.jpg", len(JPG)),
+        ("gone.jpg", 0),
+        ("sub/alias.jpg", len(JPG)),
+        ("sub/b.png", len(PNG)),
+        ("sub/c.jpg", len(JPG)),
+    ]
+    got = by_key(read_all(str(root), retry_backoff_s=0))
+    assert got["sub/alias.jpg"] == (JPG, None) and got["a.jpg"] == (JPG, None)
+    assert got["gone.jpg"][0] is None and "FileNotFoundError" in str(got["gone.jpg"][1])
+    assert len(got) == 5
+
+    (tmp_path / "link-to-in").symlink_to(root, target_is_directory=True)  # the root itself may be a link
+    assert [s.rel for s in list_shards(str(tmp_path / "link-to-in"))] == [s.rel for s in shards]
+
+
+def test_output_and_input_overlap_through_symlinks(tmp_path: Path) -> None:
+    src, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "out").symlink_to(src / "embeddings", target_is_directory=True)  # into the input
+    (tmp_path / "in-link").symlink_to(src, target_is_directory=True)
+    (src / "up").symlink_to(tmp_path, target_is_directory=True)
+    refused = [
+        (str(src), str(elsewhere / "out")),  # the output is a symlink into the input
+        (str(src), str(elsewhere / "out" / "deeper")),
+        (str(tmp_path / "in-link"), str(src / "o")),  # the input is a symlink to a parent of the output
+        (str(src / "up" / "x"), str(tmp_path / "x" / "o")),  # the input reached through a symlink
+        (f"file://{tmp_path}/in-link", str(src)),
+    ]
+    for input_, output in refused:
+        with pytest.raises(ConfigError, match="--output must be outside --input"):
+            JobConfig(input=input_, output=output)
+    JobConfig(input=str(src), output=str(tmp_path / "in2"))  # a common prefix is not an overlap
+    JobConfig(input=str(tmp_path / "in-link"), output=str(elsewhere / "o"))
+
+
+def test_s3_overlap_is_literal() -> None:
+    JobConfig(input="s3://b/in", output="s3://b/in#embeddings")  # not s3://b/in cut at '#'
+    JobConfig(input="s3://b/pc%41", output="s3://b/pcA/out")  # not percent-decoded
+    JobConfig(input="s3://b/q?x", output="s3://b/q")
+    for input_, output in [
+        ("s3://b/in", "S3://b/in/out"),
+        ("s3://b/we#ird/", "s3://b/we#ird"),
+        ("s3://b", "s3://b/o"),
+    ]:
+        with pytest.raises(ConfigError, match="--output must be outside --input"):
+            JobConfig(input=input_, output=output)
+
+
+# --------------------------------------------------------------------------------------------------------
+# planning-time checks: the Parquet columns, unique keys
+
+
+def _shard(root: Path, rel: str) -> Shard:
+    return next(s for s in list_shards(str(root), "parquet") if s.rel == rel)
+
+
+def test_check_parquet_columns(tmp_path: Path) -> None:
+    hf_image = pa.array([{"bytes": PNG, "path": "p.png"}])
+    write_files(
+        tmp_path,
+        {
+            "good.parquet": parquet_bytes(pa.table({"image": [PNG], "id": ["a"]})),
+            "hf.parquet": parquet_bytes(pa.table({"img": hf_image, "id": ["a"]})),
+            "renamed.parquet": parquet_bytes(pa.table({"jpg": [JPG], "caption": ["c"]})),
+            "two.parquet": parquet_bytes(pa.table({"image": ["a path"], "jpg": [JPG], "png": [PNG]})),
+            "none.parquet": parquet_bytes(pa.table({"image": [1], "caption": ["c"]})),
+            "struct.parquet": parquet_bytes(pa.table({"image": [{"path": "p.png"}]})),
+            "junk.parquet": b"PAR1 not really",
+        },
+    )
+    check_parquet_columns(str(tmp_path), _shard(tmp_path, "good.parquet"), "image", None)
+    check_parquet_columns(str(tmp_path), _shard(tmp_path, "good.parquet"), "image", "id")
+    check_parquet_columns(str(tmp_path), _shard(tmp_path, "hf.parquet"), "img", "id")
+    check_parquet_columns(str(tmp_path), _shard(tmp_path, "junk.parquet"), "image", None)  # the reader says
+    check_parquet_columns(str(tmp_path), Shard("x", "x.jpg", "file", 1), "image", None)  # not Parquet
+
+    cases = {
+        ("renamed.parquet", "image", None): (
+            f"Parquet file {tmp_path}/renamed.parquet has no column 'image' (columns: jpg, caption); the "
+            "image bytes look to be in 'jpg': pass --image-column jpg."
+        ),
+        ("two.parquet", "image", None): (
+            f"Parquet file {tmp_path}/two.parquet has column 'image' of type string, not image bytes "
+            "(binary, or a struct with a binary 'bytes' field); columns holding image bytes: jpg, png; pass "
+            "--image-column with one of them."
+        ),
+        ("none.parquet", "image", None): (
+            f"Parquet file {tmp_path}/none.parquet has column 'image' of type int64, not image bytes "
+            "(binary, or a struct with a binary 'bytes' field); no column holds image bytes (binary, or a "
+            "struct with a binary 'bytes' field)."
+        ),
+        ("struct.parquet", "image", None): "of type struct<path: string>, not image bytes",
+        ("good.parquet", "image", "uid"): (
+            f"Parquet file {tmp_path}/good.parquet has no key column 'uid' (columns: image, id); pass "
+            "--key-column with one of them, or leave it out to key rows by file and row index."
+        ),
+    }
+    for (rel, image_column, key_column), message in cases.items():
+        with pytest.raises(InputError) as info:
+            check_parquet_columns(str(tmp_path), _shard(tmp_path, rel), image_column, key_column)
+        assert message in str(info.value)
+        # The read stage says the same thing about the same file (one definition of an image column).
+        (row,) = ReadShards(str(tmp_path), image_column=image_column, key_column=key_column).read_shard(
+            _shard(tmp_path, rel)
+        )
+        subject = f"Parquet file {tmp_path}/{rel}"
+        assert row[2] == "read: " + str(info.value).removesuffix(".").replace(subject, "Parquet file")
+
+
+def test_check_unique_keys(tmp_path: Path) -> None:
+    write_files(
+        tmp_path,
+        {
+            "a.parquet": parquet_bytes(pa.table({"image": [PNG] * 4, "id": ["x", None, "y", None]})),
+            "b.parquet": parquet_bytes(
+                pa.table({"image": [PNG] * 3, "id": ["z", "w", "y"]}), row_group_size=1
+            ),
+            "c.parquet": parquet_bytes(pa.table({"image": [PNG] * 3, "id": [1, 2, 1]})),
+            "d.parquet": parquet_bytes(pa.table({"image": [PNG], "other": ["x"]})),  # no key column
+            "e.parquet": b"PAR1 not really",
+        },
+    )
+    shards = {s.rel: s for s in list_shards(str(tmp_path), "parquet")}
+    a, b, c, d, e = (shards[f"{n}.parquet"] for n in "abcde")
+    check_unique_keys(str(tmp_path), [a, d, e], "id")  # nulls are not keys; d and e are left to the reader
+    check_unique_keys(str(tmp_path), [a, Shard("x", "x.jpg", "file", 1)], "id", existing={"z"})
+
+    with pytest.raises(InputError) as info:
+        check_unique_keys(str(tmp_path), [a, b], "id")
+    assert str(info.value) == (
+        f"Key column 'id' holds 'y' more than once, in {tmp_path}/a.parquet row 2 and {tmp_path}/b.parquet "
+        "row 2; the output holds each key once: choose a --key-column whose values are unique, or leave it "
+        "out to key rows by file and row index."
+    )
+    with pytest.raises(
+        InputError, match=rf"holds '1' more than once, in {tmp_path}/c.parquet row 0 and .* row 2"
+    ):
+        check_unique_keys(str(tmp_path), [c], "id")
+    with pytest.raises(InputError) as info:
+        check_unique_keys(str(tmp_path), [a, b], "id", existing=frozenset({"w"}))
+    assert str(info.value).startswith(
+        f"Key column 'id' holds 'w' in {tmp_path}/b.parquet row 1, a key already in --output"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# a retry reads only some keys (Shard.keys)
+
+
+def test_retry_keys_filter_tar_shards(tmp_path: Path) -> None:
+    members = [("0001.jpg", JPG), ("0002.png", PNG), ("0002.jpg", JPG), ("0003.txt", b"t"), ("0004.png", PNG)]
+    write_files(tmp_path, {"s.tar": tar_bytes(members), "t.tar": tar_bytes([("9.jpg", JPG)])})
+    s_tar, t_tar = list_shards(str(tmp_path))
+    retry = [replace(s_tar, keys=("s.tar#0002", "s.tar#0003", "s.tar#9999")), replace(t_tar, keys=())]
+    rows = read_all(str(tmp_path), shards=retry)
+    assert by_key(rows) == {
+        "s.tar#0002": (JPG, None),
+        "s.tar#0003": (None, "read: tar sample has no image member (found: txt)"),
+    }
+    whole = read_all(
+        str(tmp_path), shards=[replace(s_tar, keys=("s.tar#0001", "s.tar" + SHARD_ERROR_SUFFIX))]
+    )
+    assert [r[0] for r in whole] == ["s.tar#0001", "s.tar#0002", "s.tar#0003", "s.tar#0004"]
+    assert [r[0] for r in read_all(str(tmp_path), shards=[s_tar])] == [r[0] for r in whole]
+
+
+def test_retry_keys_filter_parquet_and_loose_files(tmp_path: Path) -> None:
+    table = pa.table({"image": pa.array([PNG, None, JPG, PNG], pa.binary()), "id": ["a", "b", "c", None]})
+    write_files(tmp_path / "p", {"x.parquet": parquet_bytes(table, row_group_size=2)})
+    (shard,) = list_shards(str(tmp_path / "p"))
+    rows = read_all(str(tmp_path / "p"), shards=[replace(shard, keys=("x.parquet#1", "x.parquet#2"))])
+    assert by_key(rows) == {
+        "x.parquet#1": (None, "read: Parquet column 'image' is null in row 1"),
+        "x.parquet#2": (JPG, None),
+    }
+    keyed = read_all(str(tmp_path / "p"), shards=[replace(shard, keys=("c", "x.parquet#3"))], key_column="id")
+    assert by_key(keyed) == {
+        "c": (JPG, None),
+        "x.parquet#3": (None, "read: key column 'id' is null in row 3"),
+    }
+    everything = read_all(str(tmp_path / "p"), shards=[replace(shard, keys=("x.parquet#.error",))])
+    assert len(everything) == 4
+
+    write_files(tmp_path / "f", {"a.jpg": JPG, "b.png": PNG, "c.jpg": JPG})
+    files = list_shards(str(tmp_path / "f"))
+    flaky = FlakyFS(failures=0, fail_after=0)
+    reader = ReadShards(str(tmp_path / "f"), filesystem=flaky)  # type: ignore[arg-type]
+    retry = [replace(s, keys=(s.rel,) if s.rel != "b.png" else ("a.jpg",)) for s in files]
+    rows = [r for out in reader(items_batch(retry)) for r in zip(out["key"], out["bytes"], strict=True)]
+    assert rows == [("a.jpg", JPG), ("c.jpg", JPG)]
+    assert set(flaky.opens) == {files[0].path, files[2].path}  # b.png was not even opened
+    assert shards_to_items(retry)[1]["keys"] == ["a.jpg"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -553,6 +798,45 @@ def test_s3_all_three_kinds(s3_bucket: str) -> None:
     }
     with pytest.raises(InputError, match="mixes"):
         list_shards(base)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("prefix", ["pc%41", "we#ird", "q?x", "a b+c=d", "ünï"])
+def test_s3_literal_keys_all_three_kinds(s3_bucket: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    objects = {
+        f"{prefix}/files/{prefix}/a%20b#c?d=e+f.png": PNG,
+        f"{prefix}/files/ü.JPG": JPG,
+        f"{prefix}/wds/{prefix}.tar": tar_bytes([("k#1.jpg", JPG), ("q?2.png", PNG)]),
+        f"{prefix}/pq/{prefix}.parquet": parquet_bytes(pa.table({"image": [PNG], "id": [f"{prefix}#0"]})),
+        "pcA/files/decoy.jpg": JPG,  # where a percent-decoded 'pc%41' would point
+        "we/files/decoy.jpg": JPG,  # where 'we#ird' cut at '#' would point
+        "q/files/decoy.jpg": JPG,  # where 'q?x' cut at '?' would point
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    base = f"s3://{s3_bucket}/{prefix}"
+    assert by_key(read_all(f"{base}/files/")) == {
+        f"{prefix}/a%20b#c?d=e+f.png": (PNG, None),
+        "ü.JPG": (JPG, None),
+    }
+    assert [s.path for s in list_shards(f"{base}/files/ü.JPG")] == [f"{s3_bucket}/{prefix}/files/ü.JPG"]
+    assert by_key(read_all(f"{base}/wds")) == {
+        f"{prefix}.tar#k#1": (JPG, None),
+        f"{prefix}.tar#q?2": (PNG, None),
+    }
+    assert by_key(read_all(f"{base}/pq", key_column="id")) == {f"{prefix}#0": (PNG, None)}
+    shard = list_shards(f"{base}/pq")[0]
+    check_parquet_columns(f"{base}/pq", shard, "image", "id")
+    with pytest.raises(
+        InputError, match=re.escape(f"Parquet file s3://{s3_bucket}/{prefix}/pq/{prefix}.parquet")
+    ):
+        check_parquet_columns(f"{base}/pq", shard, "img", None)
+    check_unique_keys(f"{base}/pq", [shard], "id")
+    with pytest.raises(InputError, match="already in --output"):
+        check_unique_keys(f"{base}/pq", [shard], "id", existing={f"{prefix}#0"})
 
 
 @pytest.mark.integration
