@@ -14,11 +14,15 @@ away): what was committed stays, and the same command does the rest.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -90,6 +94,59 @@ def install_signal_handlers() -> None:
     handler = _StopOnSignal()
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+
+
+class ClusterWatch(threading.Thread):
+    """Ends the process with one sentence and status 3 when the Ray cluster's GCS stops answering.
+
+    Without it the driver waits on a dead cluster until Ray's core worker gives up on the GCS
+    (RAY_gcs_rpc_server_reconnect_timeout_s, 60 s by default) and ends the process itself with status 1
+    and a C++ log line. The watch probes the GCS port every `interval_s` while Ray is connected and,
+    after `grace_s` without an answer (10 s less than Ray's timeout, so a GCS that restarts within
+    Ray's window, as with GCS fault tolerance, does not stop the run), exits at once: the cluster's
+    work is lost anyway, and the next run removes what this one left uncommitted.
+    """
+
+    def __init__(self, interval_s: float = 2.0, grace_s: float | None = None) -> None:
+        super().__init__(name="cluster-watch", daemon=True)
+        ray_timeout = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60"))  # noqa: SIM112
+        self.interval_s = interval_s
+        self.grace_s = grace_s if grace_s is not None else max(5.0, ray_timeout - 10.0)
+
+    def gcs_address(self) -> str | None:
+        ray = sys.modules.get("ray")
+        try:
+            return str(ray.get_runtime_context().gcs_address) if ray and ray.is_initialized() else None
+        except Exception:  # connecting or shutting down
+            return None
+
+    def run(self) -> None:
+        silent_since: float | None = None
+        while True:
+            time.sleep(self.interval_s)
+            address = self.gcs_address()
+            if address is None or _answers(address, timeout_s=self.interval_s):
+                silent_since = None
+                continue
+            now = time.monotonic()
+            silent_since = silent_since or now
+            if now - silent_since >= self.grace_s and self.gcs_address():
+                os.write(
+                    2,
+                    f"error: the Ray cluster went away: its GCS at {address} has not answered for "
+                    f"{now - silent_since:.0f} s; {RERUN}.\n".encode(),
+                )
+                os._exit(3)
+
+
+def _answers(address: str, timeout_s: float) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _triple(text: str) -> tuple[float, ...]:
@@ -276,13 +333,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`main` as the command runs it: SIGINT and SIGTERM stop it with one sentence and status 3."""
+    """`main` as the command runs it: SIGINT and SIGTERM stop it with one sentence and status 3, and
+    so does losing the Ray cluster (ClusterWatch)."""
     install_signal_handlers()
+    ClusterWatch().start()
     try:
         return main(argv)
     except Stopped as e:  # the run's clean-up has run; a local Ray shuts down as the process exits
         print(f"stopped by {e.name}: {RERUN}.", file=sys.stderr)
-        return 3
+    # The stop may have cut into Ray Data's own clean-up: what Ray logs while it tears down from here (an
+    # executor thread finding Ray already shut down, say) is noise after that sentence.
+    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    gc.collect()  # abandoned Ray Data iterators shut their executors down now, while Ray is still up
+    return 3
 
 
 if __name__ == "__main__":

@@ -190,16 +190,20 @@ def _patches_into(
 
 
 def check_sizes(image_size: int, patch_size: int, resize_size: int | None) -> int:
-    """The resize size to use (default round(image_size·256/224)); ValueError for impossible sizes."""
+    """The resize size to use (default round(image_size·256/224)); a ConfigError (a ValueError) for
+    impossible sizes, so the job refuses them before it starts."""
+    from pipeline.config import ConfigError
+
     if image_size < 1 or patch_size < 1 or image_size % patch_size:
-        raise ValueError(
-            f"image_size must be a positive multiple of patch_size, got image_size={image_size}, "
-            f"patch_size={patch_size}."
+        fits = max(1, round(image_size / max(1, patch_size))) * patch_size
+        raise ConfigError(
+            f"--image-size {image_size} must be a positive multiple of patch_size {patch_size} (the "
+            f"model's patch size), e.g. {fits}."
         )
     if resize_size is None:
         resize_size = round(image_size * 256 / 224)
     if resize_size < image_size:
-        raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
+        raise ConfigError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
     return int(resize_size)
 
 

@@ -65,11 +65,33 @@ def _outputs(
     return out
 
 
+NON_FINITE_ERROR = (
+    "embed: the model produced NaN or infinite values for this image (check --mean/--std, the weights, "
+    "and for float16 outputs whether the values exceed its range)"
+)
+
+
+def _refuse_non_finite(errors: np.ndarray, embedding: np.ndarray, logits: np.ndarray | None) -> None:
+    """Rows whose embedding or logits (in their output dtype) are not all finite become error rows with
+    zero vectors: a NaN or infinite vector is never written as a successful row."""
+    bad = ~np.isfinite(embedding).all(axis=1)
+    if logits is not None:
+        bad |= ~np.isfinite(logits).all(axis=1)
+    bad &= ok_mask(errors)
+    if bad.any():
+        log.warning("%d of %d rows had NaN or infinite model outputs", int(bad.sum()), len(bad))
+        errors[bad] = NON_FINITE_ERROR
+        embedding[bad] = 0
+        if logits is not None:
+            logits[bad] = 0
+
+
 class EmbedPatches:
     """Ray Data actor stage: `__init__` loads the model once, `__call__` embeds one batch.
 
     Rows whose `error` is set pass through with zero vectors (the sink writes them as nulls). A failure of
-    the model on a batch turns that batch's rows into error rows instead of killing the job.
+    the model on a batch turns that batch's rows into error rows instead of killing the job, and so does
+    a NaN or infinite value in a row's embedding or logits.
 
     With `decode` set (a dict of pipeline.gpu_decode.GpuDecoder arguments), the batch carries encoded
     `bytes` instead of `patches`: JPEGs are decoded on the actor's device (nvJPEG on a GPU), the rest on
@@ -189,12 +211,14 @@ class EmbedPatches:
                 if patches is None:  # all rows fine (the usual case): no copy of the batch's patches
                     patches = np.ascontiguousarray(batch["patches"] if ok.all() else batch["patches"][ok])
                 emb, lg = self._forward(patches)
-                embedding[ok] = emb
-                if logits is not None and lg is not None:
-                    logits[ok] = lg
+                with np.errstate(over="ignore", invalid="ignore"):  # beyond float16: inf, refused below
+                    embedding[ok] = emb
+                    if logits is not None and lg is not None:
+                        logits[ok] = lg
             except Exception as e:  # the model failed on this batch: its rows become error rows
                 log.exception("embedding a batch of %d images failed", int(ok.sum()))
                 errors[ok] = f"embed: {type(e).__name__}: {e}"
+        _refuse_non_finite(errors, embedding, logits)
         seconds = time.perf_counter() - start
         return _outputs({**batch, "error": errors}, embedding, logits, seconds)
 

@@ -343,16 +343,56 @@ def _read_files(weights: str) -> _Files:
     return _Files(data, path, hf_config, preprocessor)
 
 
-def _deserialize(data: bytes, name: str) -> dict[str, Tensor]:
-    header = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
-    if 0 < header < len(data) - 8 and data[8:9] == b"{":  # safetensors: u64 header length, then JSON
-        from safetensors.torch import load
+def _is_safetensors(data: bytes, path: str) -> bool:
+    """By extension, or by the magic: a little-endian u64 header length, then the header's JSON `{`."""
+    return path.lower().endswith(".safetensors") or (len(data) > 8 and data[8:9] == b"{")
 
+
+def _load_safetensors(data: bytes, name: str) -> dict[str, Tensor]:
+    """safetensors bytes → tensors; a CheckpointError saying whether the file is truncated or not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    again = "copy or download it again, or pass another file"
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if len(data) < 8 or data[8:9] != b"{":
+        raise CheckpointError(
+            f"{name} is not a valid safetensors file: it does not start with a safetensors header "
+            f"({len(data)} bytes, starting {data[:8]!r}); {again}"
+        )
+    if len(data) < 8 + header_len:
+        raise CheckpointError(
+            f"{name} is truncated: its safetensors header alone should be {header_len} bytes but the file "
+            f"has {len(data)}; {again}"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{name} is not a valid safetensors file (bad header: {e}); {again}") from e
+    if len(data) < 8 + header_len + end:
+        raise CheckpointError(
+            f"{name} is truncated: it should be {8 + header_len + end} bytes but has {len(data)}; {again}"
+        )
+    try:
         return load(data)
+    except SafetensorError as e:
+        raise CheckpointError(f"{name} is not a valid safetensors file ({e}); {again}") from e
+
+
+def _deserialize(data: bytes, name: str, path: str = "") -> dict[str, Tensor]:
+    """The state dict in a weights file: safetensors by extension or magic, else a weights-only pickle."""
+    if _is_safetensors(data, path):
+        return _load_safetensors(data, name)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not culprit and not data.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor a pickle
+            raise CheckpointError(
+                f"{name} is not a safetensors or PyTorch checkpoint file ({len(data)} bytes, starting "
+                f"{data[:8]!r}); pass a .safetensors, .pth or .bin file, or a Hugging Face directory"
+            ) from e
         reason = (
             f"it pickles {culprit.group(1)}"
             if culprit
@@ -448,6 +488,12 @@ def load_model(
     """
     if preset not in PRESETS:
         raise CheckpointError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    patch = PRESETS[preset].patch_size  # a checkpoint's patch size must equal its preset's
+    if image_size is not None and (image_size < 1 or image_size % patch):
+        raise CheckpointError(
+            f"image size {image_size} is not a multiple of the patch size {patch} of {preset} or not "
+            f"positive; use e.g. {max(1, round(image_size / patch)) * patch}"
+        )
     if weights == "random":
         config = (
             PRESETS[preset]
@@ -463,7 +509,12 @@ def load_model(
 
     files = _read_files(weights)
     name = repr(weights)
-    sd, fmt = convert_state_dict(_deserialize(files.data, name), name=name)
+    file_name = (
+        name
+        if os.path.basename(files.path) in weights
+        else repr(f"{weights.rstrip('/')}/{os.path.basename(files.path)}")
+    )
+    sd, fmt = convert_state_dict(_deserialize(files.data, file_name, files.path), name=name)
     hf = files.hf_config if fmt == "huggingface" else None
     eps, heads = 1e-6, None
     if fmt == "huggingface":
