@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from pipeline import storage
 from pipeline.sink import STAGING_DIR, make_dirs, relative_path, write_json
 from pipeline.storage import resolve_uri
 
@@ -163,19 +164,13 @@ class Ledger:
         fs, root = resolve_uri(self.output)
         for staged, file in self.pending:
             log.warning("finishing the commit of %s in %s", file, self.output)
-            fs.move(f"{root}/{staged}", f"{root}/{file}")
+            storage.move(fs, f"{root}/{staged}", f"{root}/{file}")
         self.pending = []
-        removed = []
-        try:
-            if fs.get_file_info(pafs.FileSelector(f"{root}/{STAGING_DIR}", allow_not_found=True)):
-                fs.delete_dir(f"{root}/{STAGING_DIR}")
-                removed.append(f"{STAGING_DIR}/")
-        except (FileNotFoundError, OSError) as e:
-            log.debug("no staging to remove: %s", e)
+        removed = [f"{STAGING_DIR}/"] if storage.delete_tree(fs, f"{root}/{STAGING_DIR}") else []
         for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
             name = info.base_name
             if info.type == pafs.FileType.File and _PART.match(name) and name not in self.files:
-                fs.delete_file(info.path)
+                storage.delete_file(fs, info.path)
                 removed.append(name)
         if removed:
             log.warning(

@@ -32,7 +32,14 @@ from pipeline.embed import EmbedPatches, ModelSpec
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger, RunLedger, UnitRecord
 from pipeline.sink import OutputSpec, ParquetSink, Part, part_from_json, write_parts
-from pipeline.sources import ReadShards, Shard, list_shards, shards_to_items
+from pipeline.sources import (
+    ReadShards,
+    Shard,
+    check_parquet_columns,
+    check_unique_keys,
+    list_shards,
+    shards_to_items,
+)
 from pipeline.storage import resolve_uri
 
 log = logging.getLogger(__name__)
@@ -227,6 +234,7 @@ def plan(config: JobConfig) -> Plan:
     ledger = Ledger.read(config.output)
     ledger.check_identity(identity)
     todo = [s for s in shards if s.rel not in ledger.done]
+    check_arguments_against_data(config, todo, ledger)
     skipped = [s for s in shards if s.rel in ledger.done]
     skipped_rows = sum(ledger.done[s.rel][0] for s in skipped)
     num_params = sum(p.numel() for p in loaded.model.parameters())
@@ -236,6 +244,27 @@ def plan(config: JobConfig) -> Plan:
     if config.retry_errors:
         plan_.retry, plan_.notes = retry_units(ledger, {s.rel: s for s in skipped})
     return plan_
+
+
+def check_arguments_against_data(config: JobConfig, todo: list[Shard], ledger: Ledger) -> None:
+    """Refuses (InputError) arguments that are wrong for the data before any row is written: the image
+    and key columns, checked on one Parquet file's schema, and --key-column values repeated in the input
+    or already in --output."""
+    parquet = [s for s in todo if s.kind == "parquet"]
+    if not parquet:
+        return
+    check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
+    if config.key_column is not None and config.key_column != config.image_column:
+        check_unique_keys(config.input, parquet, config.key_column, committed_keys(ledger))
+
+
+def committed_keys(ledger: Ledger) -> set[str]:
+    """Every key in the output's committed data files (read from their `key` column only)."""
+    fs, root = resolve_uri(ledger.output)
+    keys: set[str] = set()
+    for file in ledger.files:
+        keys.update(pq.read_table(f"{root}/{file}", columns=["key"], filesystem=fs)["key"].to_pylist())
+    return keys
 
 
 def retry_units(

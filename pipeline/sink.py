@@ -15,7 +15,6 @@ rows become visible together, and only once committed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -29,7 +28,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.rows import error_column, ok_mask
+from pipeline.sources import SHARD_ERROR_SUFFIX
 from pipeline.storage import resolve_uri
 
 log = logging.getLogger(__name__)
@@ -228,16 +229,19 @@ class ParquetSink:
     def stage_replacement(
         self, parts: list[Part], file: str, drop: Iterable[str], file_shards: list[str]
     ) -> tuple[str, dict[str, tuple[int, int]]]:
-        """A new version of the committed data file `file`, staged: its rows minus those whose key is in
-        `drop` or among the parts' keys, plus the parts' rows. Returns the staged path (relative to the
-        output) and the (rows, errors) of each of `file_shards` in the new version. Moving it over `file`
-        swaps the rows in one step: a reader sees the old file or the new one, never both."""
+        """A new version of the committed data file `file`, staged: its rows minus those whose key is among
+        the parts' keys (a retried key that did not come back keeps its old row, so nothing is lost) or is a
+        shard's error key in `drop` (that shard was read again whole), plus the parts' rows. Returns the
+        staged path (relative to the output) and the (rows, errors) of each of `file_shards` in the new
+        version. Moving it over `file` swaps the rows in one step: a reader sees the old file or the new
+        one, never both."""
         fs, root = resolve_uri(self.output)
         schema = self.spec.schema(self.metadata)
         new = [pq.read_table(p.staged, filesystem=fs, schema=schema) for p in parts]
         new_keys = {k for t in new for k in t["key"].to_pylist()}
         old = pq.read_table(f"{root}/{file}", filesystem=fs)
-        keep = [k not in new_keys and k not in set(drop) for k in old["key"].to_pylist()]
+        gone = new_keys | {k for k in drop if k.endswith(SHARD_ERROR_SUFFIX)}
+        keep = [k not in gone for k in old["key"].to_pylist()]
         # The committed file keeps its own footer (its run id); the replaced rows come from this run.
         table = pa.concat_tables(
             [old.filter(pa.array(keep)).cast(old.schema), *[t.cast(old.schema) for t in new]]
@@ -257,14 +261,13 @@ class ParquetSink:
         """Moves a staged file (path relative to the output) to `name` in the dataset, replacing a file of
         that name: a rename locally, a server-side copy on S3, either way atomic for readers."""
         fs, root = resolve_uri(self.output)
-        fs.move(f"{root}/{staged}", f"{root}/{name}")
+        storage.move(fs, f"{root}/{staged}", f"{root}/{name}")
 
     def delete_parts(self, parts: list[Part]) -> None:
         """Deletes staged parts that a merged file replaced (missing ones are fine)."""
         fs, _ = resolve_uri(self.output)
         for p in parts:
-            with contextlib.suppress(FileNotFoundError):
-                fs.delete_file(p.staged)
+            storage.delete_file(fs, p.staged)
 
     def place_unit(self, parts: list[Part]) -> str:
         """Stages and moves one unit's parts into place as ONE file, without a commit record; returns its
@@ -277,16 +280,10 @@ class ParquetSink:
         return name
 
     def remove_staging(self) -> None:
-        """Removes this run's staging directory (and `_staging/` when it is empty)."""
+        """Removes `_staging/`: what is there belongs to this run (the lease keeps other runs out, and the
+        run's recovery removed older leftovers). Call it only when no committed unit is still staged."""
         fs, root = resolve_uri(self.output)
-        parent = f"{root}/{STAGING_DIR}"
-        for d in (f"{root}/{self.staging_dir}", parent):
-            try:
-                if d == parent and fs.get_file_info(pafs.FileSelector(d, allow_not_found=True)):
-                    break  # another run's staging is still there
-                fs.delete_dir(d)
-            except (FileNotFoundError, OSError) as e:  # S3: an empty prefix is already gone
-                log.debug("nothing to remove at %s: %s", d, e)
+        storage.delete_tree(fs, f"{root}/{STAGING_DIR}")
 
 
 def write_parts(batch: dict[str, np.ndarray], sink: ParquetSink) -> dict[str, np.ndarray]:

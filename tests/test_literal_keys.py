@@ -56,3 +56,6 @@ def test_literal_input_and_output_prefixes(s3_server: str, s3_bucket: str, ray_l
     assert not outside, f"written outside --output: {outside}"
     data = [k for k in after if k.startswith(OUTPUT + "/") and k.endswith(".parquet") and "/_" not in k]
     assert data and all("/" not in k[len(OUTPUT) + 1 :] for k in data)
+    markers = [k for k in after if k.endswith("/")]
+    assert not markers, f"directory marker objects written: {markers}"
+    assert not [k for k in after if "/_staging/" in k], "staging left behind"

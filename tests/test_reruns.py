@@ -214,3 +214,48 @@ def test_units_commit_while_the_run_goes_on(tmp_path: Path, ray_local: None):
     commits = len(list((out / "_runs" / summary.run_id).glob("commit-*.json")))
     assert first_visible and first_visible[0] < total - 5, (first_visible, total)
     assert commits >= 3, commits
+
+
+def test_a_wrong_image_column_is_refused_before_any_row_and_the_fixed_command_runs(
+    tmp_path: Path, ray_local: None
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sources import InputError
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(6)
+    images = [encode(photo_like(rng, 40, 30)) for _ in range(10)]
+    pq.write_table(pa.table({"image": images, "label": list(range(10))}), src / "data.parquet")
+    base = {
+        "input": str(src),
+        "output": str(out),
+        "model": "vit_ti_16",
+        "weights": "random",
+        "image_size": 32,
+    }
+    with pytest.raises(InputError, match=r"'label'.*int64.*--image-column image"):
+        run(JobConfig(**base, image_column="label"))
+    assert not list(out.glob("*.parquet")) and not (out / "_runs").exists()
+    summary = run(JobConfig(**base, image_column="image"))
+    assert summary.processed == 10 and summary.errors == 0
+
+
+def test_repeated_key_column_values_are_refused(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sources import InputError
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    pq.write_table(pa.table({"image": [b"x", b"y"], "id": ["a", "b"]}), src / "one.parquet")
+    pq.write_table(pa.table({"image": [b"z"], "id": ["a"]}), src / "two.parquet")
+    cfg = JobConfig(
+        input=str(src), output=str(out), model="vit_ti_16", weights="random", image_size=32, key_column="id"
+    )
+    with pytest.raises(InputError, match="'a'"):
+        run(cfg)
+    assert not list(out.glob("*.parquet"))
