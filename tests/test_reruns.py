@@ -3,6 +3,7 @@ long run. Every test checks the output key by key: each input key exactly once."
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -29,6 +30,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "16"]
 FAKE = {"embedding_dim": 192, "num_classes": 1000}
+
+
+def _config(src: Path, out: Path, **options) -> JobConfig:
+    """The tests' job in-process: a tiny model at 32 px."""
+    return JobConfig(
+        input=str(src), output=str(out), model="vit_ti_16", weights="random", image_size=32, **options
+    )
 
 
 def _images(root: Path, n: int, seed: int = 0) -> set[str]:
@@ -114,12 +122,9 @@ def test_retry_errors_replaces_the_error_rows_of_fixed_inputs(tmp_path: Path, ra
     (src / "files" / "broken.jpg").write_bytes(b"this is not an image")
     jpg = [encode(photo_like(rng, 40, 30)) for _ in range(4)]
     _tar(src / "shard.tar", {"a.jpg": jpg[0], "b.jpg": b"not a jpeg either", "c.jpg": jpg[1]})
-    cfg = JobConfig(
-        input=str(src),
-        output=str(out),
-        model="vit_ti_16",
-        weights="random",
-        image_size=32,
+    cfg = _config(
+        src,
+        out,
         batch_size=8,
         format="files",
         commit_interval_s=0,
@@ -136,7 +141,7 @@ def test_retry_errors_replaces_the_error_rows_of_fixed_inputs(tmp_path: Path, ra
     again = run(cfg)
     assert again.processed == 0 and again.retried == 0
     # ... and --retry-errors re-reads the error rows' inputs and replaces those rows in their files.
-    retried = run(JobConfig(**{**cfg.__dict__, "retry_errors": True}))
+    retried = run(dataclasses.replace(cfg, retry_errors=True))
     assert retried.retried == 1 and retried.processed == 1, retried
     assert any("no longer under --input" in n for n in retried.notes), retried.notes
     table = _table(str(out))
@@ -149,7 +154,7 @@ def test_retry_errors_replaces_the_error_rows_of_fixed_inputs(tmp_path: Path, ra
     assert rows["files/broken.jpg"] is None, "the fixed file is embedded now"
     assert rows["shard.tar"] is not None, "an input that is gone keeps its error row"
     assert sorted(p.name for p in out.glob("*.parquet")) == files_before, "rows replaced in their own files"
-    last = run(JobConfig(**{**cfg.__dict__, "retry_errors": True}))  # only the gone input's row is left
+    last = run(dataclasses.replace(cfg, retry_errors=True))  # only the gone input's row is left
     assert last.retried == 0 and any("no longer under --input" in n for n in last.notes)
 
 
@@ -158,19 +163,16 @@ def test_retry_errors_rereads_only_the_failed_samples_of_a_tar(tmp_path: Path, r
     rng = np.random.default_rng(4)
     jpg = [encode(photo_like(rng, 40, 30)) for _ in range(3)]
     _tar(src.mkdir() or src / "s.tar", {"a.jpg": jpg[0], "b.jpg": b"broken", "c.jpg": jpg[1]})
-    cfg = JobConfig(
-        input=str(src),
-        output=str(out),
-        model="vit_ti_16",
-        weights="random",
-        image_size=32,
+    cfg = _config(
+        src,
+        out,
         batch_size=8,
         commit_interval_s=0,
     )
     assert run(cfg).errors == 1
     before = dict(zip(*[_table(str(out))[c].to_pylist() for c in ("key", "error")]))
     _tar(src / "s.tar", {"a.jpg": jpg[0], "b.jpg": jpg[2], "c.jpg": jpg[1]})
-    summary = run(JobConfig(**{**cfg.__dict__, "retry_errors": True}))
+    summary = run(dataclasses.replace(cfg, retry_errors=True))
     assert summary.retried == 1 and summary.processed == 1 and summary.errors == 0
     after = dict(zip(*[_table(str(out))[c].to_pylist() for c in ("key", "error")]))
     assert set(after) == set(before) == {"s.tar#a", "s.tar#b", "s.tar#c"}
@@ -185,12 +187,9 @@ def test_units_commit_while_the_run_goes_on(tmp_path: Path, ray_local: None):
     src.mkdir()
     for t in range(30):  # 30 units of 20 images
         _tar(src / f"s{t:02d}.tar", {f"i{i:02d}.jpg": encode(photo_like(rng, 40, 30)) for i in range(20)})
-    cfg = JobConfig(
-        input=str(src),
-        output=str(out),
-        model="vit_ti_16",
-        weights="random",
-        image_size=32,
+    cfg = _config(
+        src,
+        out,
         batch_size=16,
         commit_interval_s=1.0,
     )
@@ -229,17 +228,10 @@ def test_a_wrong_image_column_is_refused_before_any_row_and_the_fixed_command_ru
     rng = np.random.default_rng(6)
     images = [encode(photo_like(rng, 40, 30)) for _ in range(10)]
     pq.write_table(pa.table({"image": images, "label": list(range(10))}), src / "data.parquet")
-    base = {
-        "input": str(src),
-        "output": str(out),
-        "model": "vit_ti_16",
-        "weights": "random",
-        "image_size": 32,
-    }
     with pytest.raises(InputError, match=r"'label'.*int64.*--image-column image"):
-        run(JobConfig(**base, image_column="label"))
+        run(_config(src, out, image_column="label"))
     assert not list(out.glob("*.parquet")) and not (out / "_runs").exists()
-    summary = run(JobConfig(**base, image_column="image"))
+    summary = run(_config(src, out, image_column="image"))
     assert summary.processed == 10 and summary.errors == 0
 
 
@@ -253,9 +245,7 @@ def test_repeated_key_column_values_are_refused(tmp_path: Path):
     src.mkdir()
     pq.write_table(pa.table({"image": [b"x", b"y"], "id": ["a", "b"]}), src / "one.parquet")
     pq.write_table(pa.table({"image": [b"z"], "id": ["a"]}), src / "two.parquet")
-    cfg = JobConfig(
-        input=str(src), output=str(out), model="vit_ti_16", weights="random", image_size=32, key_column="id"
-    )
+    cfg = _config(src, out, key_column="id")
     with pytest.raises(InputError, match="'a'"):
         run(cfg)
     assert not list(out.glob("*.parquet"))
