@@ -241,6 +241,7 @@ class OutputLease:
         self._me = Holder.me(run_id)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.held = False
         self.lost = False
 
     def acquire(self) -> None:
@@ -251,6 +252,7 @@ class OutputLease:
                 f"{_ago(holder.acquired_at)}: wait for it to finish; if it died on another machine, the "
                 f"output is free {LEASE_S:.0f} s after its last renewal."
             )
+        self.held = True
         self._thread = threading.Thread(target=self._renew_loop, name="output-lease", daemon=True)
         self._thread.start()
 
@@ -279,11 +281,13 @@ class OutputLease:
             )
 
     def release(self) -> None:
+        """Gives the lease back (nothing to do when it was never taken, or was lost)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.lost:
+        if not self.held or self.lost:
             return
+        self.held = False
         try:
             self._store.release(self._me)
         except Exception as e:  # the lease expires by itself

@@ -185,8 +185,9 @@ class Summary:
         return "\n".join(lines)
 
 
-def plan(config: JobConfig) -> Plan:
-    """Validates weights and input, reads the output's ledger; starts nothing."""
+def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
+    """Validates the arguments, weights and input, then takes `lease` (a run; --dry-run takes none) and
+    reads the output's ledger; starts nothing. Arguments refused here leave the output untouched."""
     spec = ModelSpec(
         preset=config.model,
         weights=config.weights,
@@ -231,10 +232,18 @@ def plan(config: JobConfig) -> Plan:
     output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
 
     shards = list_shards(config.input, config.format)
+    parquet = [s for s in shards if s.kind == "parquet"]
+    if parquet:  # the image and key columns, on one file's schema
+        check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
+    if lease is not None:
+        lease.acquire()
     ledger = Ledger.read(config.output)
     ledger.check_identity(identity)
     todo = [s for s in shards if s.rel not in ledger.done]
-    check_arguments_against_data(config, todo, ledger)
+    if config.key_column is not None and config.key_column != config.image_column:
+        check_unique_keys(
+            config.input, [s for s in todo if s.kind == "parquet"], config.key_column, committed_keys(ledger)
+        )
     skipped = [s for s in shards if s.rel in ledger.done]
     skipped_rows = sum(ledger.done[s.rel][0] for s in skipped)
     num_params = sum(p.numel() for p in loaded.model.parameters())
@@ -246,20 +255,9 @@ def plan(config: JobConfig) -> Plan:
     return plan_
 
 
-def check_arguments_against_data(config: JobConfig, todo: list[Shard], ledger: Ledger) -> None:
-    """Refuses (InputError) arguments that are wrong for the data before any row is written: the image
-    and key columns, checked on one Parquet file's schema, and --key-column values repeated in the input
-    or already in --output."""
-    parquet = [s for s in todo if s.kind == "parquet"]
-    if not parquet:
-        return
-    check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
-    if config.key_column is not None and config.key_column != config.image_column:
-        check_unique_keys(config.input, parquet, config.key_column, committed_keys(ledger))
-
-
 def committed_keys(ledger: Ledger) -> set[str]:
-    """Every key in the output's committed data files (read from their `key` column only)."""
+    """Every key in the output's committed data files (read from their `key` column only): a
+    --key-column value already there must not come again."""
     fs, root = resolve_uri(ledger.output)
     keys: set[str] = set()
     for file in ledger.files:
@@ -658,10 +656,14 @@ def run(
 ) -> Summary:
     """Runs the job. `embedder` swaps the model stage (e.g. `FakeEmbedPatches`) for tests and benchmarks.
 
-    The output's lease is taken before anything else and held to the end (pipeline/lease.py)."""
+    The output's lease is taken once the arguments are checked, before the output is read, and held to
+    the end (pipeline/lease.py)."""
     run_id = new_run_id()
-    with OutputLease(config.output, run_id) as lease:
+    lease = OutputLease(config.output, run_id)
+    try:
         return _run(config, run_id, lease, embedder, embedder_kwargs, num_cpus)
+    finally:
+        lease.release()
 
 
 def _run(
@@ -674,7 +676,7 @@ def _run(
 ) -> Summary:
     start = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
-    plan_ = plan(config)
+    plan_ = plan(config, lease)
     plan_.ledger.recover()  # finish or remove what an interrupted run left, before writing anything
     if not plan_.shards and not plan_.retry:
         return Summary(
