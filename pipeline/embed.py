@@ -39,6 +39,7 @@ class ModelSpec:
     std: tuple[float, float, float] | None = None
 
     def load(self):  # -> vit.checkpoints.LoadedModel
+        from pipeline.storage import resolve_uri
         from vit.checkpoints import load_model
 
         return load_model(
@@ -49,6 +50,7 @@ class ModelSpec:
             class_names=self.class_names,
             mean=self.mean,
             std=self.std,
+            resolve=resolve_uri,  # literal S3 keys, the job's S3 settings and retries
         )
 
 

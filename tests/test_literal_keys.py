@@ -3,6 +3,8 @@ object names under it and in the --output prefix are key characters, never URL s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import boto3
 import numpy as np
 import pyarrow.dataset as pads
@@ -59,3 +61,25 @@ def test_literal_input_and_output_prefixes(s3_server: str, s3_bucket: str, ray_l
     markers = [k for k in after if k.endswith("/")]
     assert not markers, f"directory marker objects written: {markers}"
     assert not [k for k in after if "/_staging/" in k], "staging left behind"
+
+
+@pytest.mark.integration
+def test_weights_and_class_names_at_literal_keys(s3_bucket: str, tmp_path: Path) -> None:
+    """The model stage opens --weights and --class-names through the same literal resolver."""
+    from safetensors.torch import save_file
+
+    from pipeline.embed import ModelSpec
+    from vit.checkpoints import load_model
+
+    path = tmp_path / "w.safetensors"
+    save_file(load_model("vit_ti_16", "random").model.state_dict(), path)
+    s3 = boto3.client("s3")
+    s3.upload_file(str(path), s3_bucket, "m#1/v%41 ?.safetensors")
+    s3.put_object(Bucket=s3_bucket, Key="m#1/names?.txt", Body="\n".join(map(str, range(1000))).encode())
+    spec = ModelSpec(
+        "vit_ti_16",
+        f"s3://{s3_bucket}/m#1/v%41 ?.safetensors",
+        class_names=f"s3://{s3_bucket}/m#1/names?.txt",
+    )
+    loaded = spec.load()
+    assert loaded.sha256 is not None and loaded.class_names[:2] == ["0", "1"]

@@ -26,7 +26,7 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,7 +289,12 @@ def check_state_dict(
 # --- reading files (local or s3://) ---
 
 
+Resolver = Callable[[str], tuple[Any, str]]  # location → (pyarrow filesystem, path in it)
+
+
 def _filesystem(uri: str) -> tuple[Any, str]:
+    """The default resolver: local paths, and URIs as pyarrow parses them. Callers that need literal S3
+    keys or their own S3 settings pass theirs (the pipeline passes pipeline.storage.resolve_uri)."""
     from pyarrow import fs  # imported lazily: only s3:// (or other URI) weights need it
 
     if "://" in uri:
@@ -305,11 +310,11 @@ class _Files:
     preprocessor: dict[str, Any] | None = None  # preprocessor_config.json next to it
 
 
-def _read_files(weights: str) -> _Files:
+def _read_files(weights: str, resolve: Resolver = _filesystem) -> _Files:
     from pyarrow import fs
 
     try:
-        filesystem, path = _filesystem(weights)
+        filesystem, path = resolve(weights)
         info = filesystem.get_file_info(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(
@@ -416,10 +421,10 @@ def _deserialize(data: bytes, name: str, path: str = "") -> dict[str, Tensor]:
     return dict(obj)
 
 
-def read_class_names(path: str, num_classes: int) -> list[str]:
+def read_class_names(path: str, num_classes: int, resolve: Resolver = _filesystem) -> list[str]:
     """One name per line, or a JSON list; the count must equal the model's number of classes."""
     try:
-        filesystem, p = _filesystem(path)
+        filesystem, p = resolve(path)
         with filesystem.open_input_stream(p) as f:
             text = f.read().decode("utf-8")
     except (OSError, ValueError) as e:
@@ -479,8 +484,10 @@ def load_model(
     class_names: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    resolve: Resolver = _filesystem,
 ) -> LoadedModel:
     """Loads `weights` (a path, a Hugging Face directory, an s3:// URI, or "random") into a `preset` model.
+    `resolve` opens `weights` and `class_names` (default: local paths and pyarrow's URIs).
 
     `image_size` is the run's size (default: the checkpoint's); a different grid resamples the position
     embedding. `mean`/`std` default to what the source's preprocessing uses (ImageNet for torchvision and
@@ -504,10 +511,10 @@ def load_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = VisionTransformer(config, mean_, std_).eval()
-        names = read_class_names(class_names, config.num_classes) if class_names else None
+        names = read_class_names(class_names, config.num_classes, resolve) if class_names else None
         return LoadedModel(model, preset, "random", None, "random", mean_, std_, names, seed)
 
-    files = _read_files(weights)
+    files = _read_files(weights, resolve)
     name = repr(weights)
     file_name = (
         name
@@ -551,7 +558,7 @@ def load_model(
     model.set_normalization(mean_, std_)
 
     names = (
-        read_class_names(class_names, config.num_classes)
+        read_class_names(class_names, config.num_classes, resolve)
         if class_names
         else _hf_labels(hf, config.num_classes)
     )
