@@ -73,7 +73,7 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_runs_started_together_or_seconds_apart_write_every_key_once(tmp_path: Path, where: str, request):
-    expected = _images(tmp_path / "in", 200)
+    expected = _images(tmp_path / "in", 120)
     if where == "s3":
         bucket = request.getfixturevalue("s3_bucket")
         output = f"s3://{bucket}/emb"
@@ -81,7 +81,8 @@ def test_runs_started_together_or_seconds_apart_write_every_key_once(tmp_path: P
         output = str(tmp_path / "out")
     cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", "in", "--output", output, *SMALL]
     results = []
-    for delays in ([0, 0, 0], [0, 3, 6]):  # together, then a few seconds apart
+    rounds = ([0, 0, 0], [0, 3, 6]) if where == "local" else ([0, 0, 0],)  # together, then seconds apart
+    for delays in rounds:
         procs = []
         for d in delays:
             time.sleep(d - (delays[len(procs) - 1] if procs else 0))
@@ -95,7 +96,7 @@ def test_runs_started_together_or_seconds_apart_write_every_key_once(tmp_path: P
             results.append((p.returncode, out, err))
     codes = [code for code, _, _ in results]
     assert set(codes) <= {0, 2}, [err[-2000:] for _, _, err in results]
-    assert codes.count(0) >= 2, codes  # at least one run of each round did its work or found it done
+    assert codes.count(0) >= len(rounds), codes  # one run of each round did its work or found it done
     for code, _, err in results:
         if code == 2:
             assert "is in use by run" in err and "Traceback" not in err, err[-2000:]

@@ -5,6 +5,7 @@ running the same command again finishes the job with every key exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
+from jobs.embed import config_from_args, parse_args
+from pipeline.run import run
 from pipeline.sample import encode, photo_like
 from tests.conftest import free_port
 from tests.test_job_submit import _stop
@@ -87,15 +90,10 @@ def _finish(proc: subprocess.Popen, within_s: float) -> tuple[float, str]:
 
 
 def _rerun_finishes_with_every_key_once(tmp_path: Path, keys: set[str]) -> None:
-    proc = subprocess.run(
-        JOB,
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    """The same command again, in this process on the tests' Ray (the job's start-up is not under test)."""
+    config = config_from_args(parse_args([*JOB[2:]]))
+    config = dataclasses.replace(config, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    run(config)
     table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table(columns=["key", "error"])
     found = table["key"].to_pylist()
     assert len(found) == len(set(found)), "a key was written twice"
@@ -113,9 +111,9 @@ def _rerun_finishes_with_every_key_once(tmp_path: Path, keys: set[str]) -> None:
     ],
 )
 def test_a_signal_stops_the_run_with_status_3_and_the_same_command_finishes_it(
-    tmp_path: Path, sig: signal.Signals, when: str
+    tmp_path: Path, sig: signal.Signals, when: str, ray_local: None
 ):
-    keys = _images(tmp_path / "in", 1500)
+    keys = _images(tmp_path / "in", 600)
     proc = _start(tmp_path)
     out = tmp_path / "out"
     if when == "started":
@@ -133,8 +131,8 @@ def test_a_signal_stops_the_run_with_status_3_and_the_same_command_finishes_it(
     _rerun_finishes_with_every_key_once(tmp_path, keys)
 
 
-def test_a_second_signal_while_stopping_exits_at_once(tmp_path: Path):
-    keys = _images(tmp_path / "in", 600)
+def test_a_second_signal_while_stopping_exits_at_once(tmp_path: Path, ray_local: None):
+    keys = _images(tmp_path / "in", 300)
     proc = _start(tmp_path)
     _wait_for(proc, (tmp_path / "out" / "_runs").is_dir)
     proc.send_signal(signal.SIGINT)
