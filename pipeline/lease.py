@@ -32,6 +32,7 @@ LEASE_NAME = "_lease.json"
 LOCK_NAME = "_lease.lock"  # local outputs: serializes takeovers and renewals (flock, released on exit)
 LEASE_S = 120.0  # a lease not renewed for this long is stale
 RENEW_S = 20.0
+CHECK_RENEW_S = 5.0  # `check` renews first when the last renewal is older than this
 
 
 class OutputBusyError(OutputConflictError):
@@ -243,6 +244,7 @@ class OutputLease:
         self._thread: threading.Thread | None = None
         self.held = False
         self.lost = False
+        self._renewed = time.monotonic()
 
     def acquire(self) -> None:
         holder = self._store.acquire(self._me)
@@ -270,9 +272,15 @@ class OutputLease:
             self.lost = True
             self._stop.set()
             log.error("the lease on %s was taken over by another run", self.output)
+        else:
+            self._renewed = time.monotonic()
 
     def check(self) -> None:
-        """Raises LeaseLostError when another run took the output over; call before each commit."""
+        """Raises LeaseLostError when another run took the output over; call before each commit. Renews
+        first unless that was done in the last CHECK_RENEW_S, so a run that was paused past the lease's
+        expiry (and taken over meanwhile) finds out before it commits, not at its next renewal."""
+        if self.held and not self.lost and time.monotonic() - self._renewed > CHECK_RENEW_S:
+            self.renew()
         if self.lost:
             raise LeaseLostError(
                 f"another run took over {self.output} because this run did not renew its lease for "

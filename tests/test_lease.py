@@ -105,6 +105,18 @@ def test_a_run_whose_lease_was_taken_over_stops_committing(output: str, monkeypa
     second.release()
 
 
+def test_a_run_paused_past_its_lease_finds_out_before_committing(
+    output: str, monkeypatch: pytest.MonkeyPatch
+):
+    first = OutputLease(output, "first")
+    first.acquire()
+    monkeypatch.setattr(lease_mod, "LEASE_S", -1.0)
+    OutputLease(output, "second").acquire()  # took over while `first` was paused
+    monkeypatch.setattr(lease_mod, "CHECK_RENEW_S", 0.0)
+    with pytest.raises(LeaseLostError):
+        first.check()  # no renewal ran in between: check() renews itself
+
+
 def test_renewal_keeps_the_lease(output: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(lease_mod, "RENEW_S", 0.05)
     with OutputLease(output, "mine") as lease:
