@@ -59,6 +59,16 @@ UNITS_PER_SLOT = 4
 MAX_INPUT_BLOCKS = 10_000
 DECODE_BATCH_ROWS = 256  # images per batch that a read+decode task emits (ReadShards' rows_per_batch)
 TICK_S = 0.5  # the commit loop looks at the clock at least this often, whether or not parts arrive
+# Rows per write call: what the cluster embeds in one commit interval (so a unit's last rows wait at most
+# about that long for the write batch to fill, and commit within about two intervals), at least one model
+# batch, at most MAX_WRITE_ROWS (the largest unit of loose files: a unit then mostly is one part, moved
+# into place without a merge). Measured with benchmarks/pipeline.py (fake model, 24,000 images, 2 CPUs):
+# one write per 64-row block reached 61 % of decode speed, 3,500-row writes 67 % (units of 4,096 in two
+# parts, merged), 4,096-row writes 83 %. The rate is an estimate from the model's size and the cluster:
+CPU_GMACS_PER_S = 40.0  # fp32 ViT matmuls on one CPU core
+GPU_GMACS_PER_S = 150_000.0  # bf16 on an H100-class GPU, about 40 % of its dense peak
+DECODE_IMAGES_PER_S = 700  # per read+decode task slot: 1024x768 photographs, the slower measured size
+MAX_WRITE_ROWS = 4096
 # Writing is mostly I/O and must never wait for a CPU held by decode tasks: without its own CPU a write
 # task starts as soon as a batch is ready, so units commit while the run goes on and embedded rows do not
 # pile up in the object store (measured: with 0.25 CPU on a 2-CPU node nothing was written until decode
@@ -123,6 +133,7 @@ class Plan:
     resize_size: int
     num_params: int
     ledger: Ledger  # the output's ledger as read when planning
+    gmacs: float  # the model's multiply-accumulates per image, in billions
     retry: list[tuple[UnitWork, list[Shard]]] = field(default_factory=list)  # --retry-errors units
     notes: list[str] = field(default_factory=list)
 
@@ -248,7 +259,17 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     skipped_rows = sum(ledger.done[s.rel][0] for s in skipped)
     num_params = sum(p.numel() for p in loaded.model.parameters())
     plan_ = Plan(
-        config, todo, len(skipped), skipped_rows, spec, output, identity, resize_size, num_params, ledger
+        config,
+        todo,
+        len(skipped),
+        skipped_rows,
+        spec,
+        output,
+        identity,
+        resize_size,
+        num_params,
+        ledger,
+        mc.gmacs(),
     )
     if config.retry_errors:
         plan_.retry, plan_.notes = retry_units(ledger, {s.rel: s for s in skipped})
@@ -427,6 +448,15 @@ def actor_stage(config: JobConfig, plan_: Plan) -> ActorStage:
     return ActorStage(args, size, max(1.0, cpus - size * args["num_cpus"]), description, batch, note)
 
 
+def write_batch_rows(actors: ActorStage, gmacs: float, interval_s: float) -> int:
+    """Rows per write call: the rows the cluster embeds in interval_s by estimate (the model actors, or the
+    read+decode slots when they are slower), within [one model batch, MAX_WRITE_ROWS]."""
+    gpu = "num_gpus" in actors.remote_args
+    per_actor = GPU_GMACS_PER_S if gpu else CPU_GMACS_PER_S * float(actors.remote_args["num_cpus"])
+    rate = min(actors.size * per_actor / max(gmacs, 1e-9), actors.task_slots * DECODE_IMAGES_PER_S)
+    return int(min(MAX_WRITE_ROWS, max(actors.batch_size, rate * interval_s)))
+
+
 def files_per_unit(num_files: int, task_slots: float) -> int:
     """Loose files per unit: UNITS_PER_SLOT units per task slot, within [MIN, MAX]_FILES_PER_UNIT."""
     per_unit = math.ceil(num_files / max(1.0, UNITS_PER_SLOT * task_slots))
@@ -548,9 +578,9 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(size=actors.size),
         **actors.remote_args,
     )
-    return ds.map_batches(  # every block as it comes, so a unit's last rows never wait for later units'
+    return ds.map_batches(
         write_parts,  # type: ignore[arg-type]
-        batch_size=None,
+        batch_size=write_batch_rows(actors, plan_.gmacs, config.commit_interval_s),
         fn_kwargs={"sink": sink},
         num_cpus=WRITE_CPUS,
     )

@@ -34,9 +34,8 @@ FAKE = {"embedding_dim": 192, "num_classes": 1000}
 
 def _config(src: Path, out: Path, **options) -> JobConfig:
     """The tests' job in-process: a tiny model at 32 px."""
-    return JobConfig(
-        input=str(src), output=str(out), model="vit_ti_16", weights="random", image_size=32, **options
-    )
+    options = {"image_size": 32, **options}
+    return JobConfig(input=str(src), output=str(out), model="vit_ti_16", weights="random", **options)
 
 
 def _images(root: Path, n: int, seed: int = 0) -> set[str]:
@@ -181,19 +180,15 @@ def test_retry_errors_rereads_only_the_failed_samples_of_a_tar(tmp_path: Path, r
 
 
 def test_units_commit_while_the_run_goes_on(tmp_path: Path, ray_local: None):
-    """--commit-interval is honoured whatever the write batch: with a slow model, committed rows become
-    visible long before the run ends, so a kill loses at most the units in flight."""
+    """--commit-interval is honoured: with a slow model (ViT-Ti at 224 px on a CPU actor, by the planner's
+    estimate; the fake model takes 0.3 s per 16 images), committed rows become visible long before the run
+    ends, so a kill loses at most the units in flight."""
     src, out = tmp_path / "in", tmp_path / "out"
     rng = np.random.default_rng(5)
     src.mkdir()
     for t in range(30):  # 30 units of 20 images
         _tar(src / f"s{t:02d}.tar", {f"i{i:02d}.jpg": encode(photo_like(rng, 40, 30)) for i in range(20)})
-    cfg = _config(
-        src,
-        out,
-        batch_size=16,
-        commit_interval_s=1.0,
-    )
+    cfg = _config(src, out, batch_size=16, commit_interval_s=1.0, image_size=224)
     first_visible: list[float] = []
     result: dict = {}
 

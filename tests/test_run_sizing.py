@@ -96,3 +96,23 @@ def test_model_batch_size_defaults_by_actor_kind(monkeypatch, gpus: int, batch_s
     assert stage.batch_size == expected
     assert f"{expected} images per call" in stage.description
     assert stage.size == (gpus or 1) and ("num_gpus" in stage.remote_args) == bool(gpus)
+
+
+def test_write_batches_hold_a_commit_interval_of_rows():
+    from pipeline.run import MAX_WRITE_ROWS, ActorStage, write_batch_rows
+    from vit.model import PRESETS
+
+    def stage(gpu: bool, size: int = 1, slots: float = 1.0, batch: int = 64) -> ActorStage:
+        args = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
+        return ActorStage(args, size, slots, "", batch)
+
+    b16 = PRESETS["vit_b_16"].gmacs()  # 17.6 GMAC per image
+    # ViT-B/16 on one CPU: a couple of images per second; a write per model batch, the smallest there is.
+    assert write_batch_rows(stage(gpu=False), b16, 10.0) == 64
+    # On a GPU fed by 15 decode slots: thousands of images per second; the largest parts.
+    assert write_batch_rows(stage(gpu=True, slots=15, batch=256), b16, 10.0) == MAX_WRITE_ROWS
+    # A tiny model: decode is the limit (one slot here, ~700 images/s), an interval of its output.
+    tiny = PRESETS["vit_ti_16"].gmacs() / 49  # 32 px instead of 224
+    assert write_batch_rows(stage(gpu=False), tiny, 2.0) == 1400
+    assert write_batch_rows(stage(gpu=False), tiny, 10.0) == MAX_WRITE_ROWS
+    assert write_batch_rows(stage(gpu=False), tiny, 0.0) == 64  # --commit-interval 0: every model batch
