@@ -17,7 +17,6 @@ A later run into the same output (see pipeline/lease.py for how runs take turns)
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.sink import STAGING_DIR, make_dirs, relative_path, write_json
-from pipeline.storage import resolve_uri
+from pipeline.sink import STAGING_DIR
+from pipeline.storage import make_dirs, read_json, relative_path, resolve_uri, write_json
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +103,11 @@ class Ledger:
                 continue
             name, run_id = info.base_name, info.path.rsplit("/", 2)[-2]
             if name == "run.json":
-                ledger.runs[run_id] = _read_json(fs, info.path)
+                ledger.runs[run_id] = read_json(fs, info.path)
             elif name == "summary.json":
                 ledger.finished.add(run_id)
             elif _COMMIT.match(name):
-                records.append(_read_json(fs, info.path))
+                records.append(read_json(fs, info.path))
         if not records:
             return ledger
         placed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
@@ -188,11 +187,6 @@ def _units(record: dict) -> list[UnitRecord]:
     return [UnitRecord(f, None, shards if i == 0 else {}) for i, f in enumerate(files)] or [
         UnitRecord(None, None, shards)
     ]
-
-
-def _read_json(fs: pafs.FileSystem, path: str) -> dict:
-    with fs.open_input_stream(path) as s:
-        return json.loads(s.read())
 
 
 class RunLedger:

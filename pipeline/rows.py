@@ -1,6 +1,10 @@
-"""The `error` column shared by every stage: a str where a row failed, None where it did not.
+"""What every stage's rows share: the `key` conventions and the `error` column.
 
-Ray Data stores an all-null column with Arrow's null type and hands it back to numpy as float NaNs, so a
+A row's `key` is its input's path relative to `--input` (loose files), `<shard>#<sample key>` (tar
+samples), `<file>#<row index>` or the `--key-column` value (Parquet rows). A problem with a whole container
+is one row keyed `<shard>#.error` (SHARD_ERROR_SUFFIX): no sample key or row index ends that way.
+
+`error` is a str where a row failed, None where it did not. Ray Data stores an all-null column with Arrow's null type and hands it back to numpy as float NaNs, so a
 stage must not test `error is None`: it asks `error_column(batch)` for a clean object array instead.
 """
 
@@ -9,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+
+SHARD_ERROR_SUFFIX = "#.error"
 
 
 def error_column(batch: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +28,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.rows import error_column, ok_mask
-from pipeline.sources import SHARD_ERROR_SUFFIX
-from pipeline.storage import resolve_uri
+from pipeline.rows import SHARD_ERROR_SUFFIX, error_column, ok_mask
+from pipeline.storage import make_dirs, relative_path, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -296,30 +294,3 @@ def part_from_json(text: str) -> Part:
     d = json.loads(text)
     d["shards"] = {k: tuple(v) for k, v in d["shards"].items()}
     return Part(**d)
-
-
-def relative_path(root: str, path: str) -> str:
-    """`path` (in the output's filesystem) relative to the output's `root`."""
-    if not path.startswith(root + "/"):
-        raise ValueError(f"{path!r} is not under the output {root!r}")
-    return path[len(root) + 1 :]
-
-
-def make_dirs(fs: pafs.FileSystem, path: str) -> None:
-    """Creates a local directory; on object stores it does nothing, since keys need no folders and pyarrow
-    would write a marker object for every level, including levels above --output."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(path, recursive=True)
-
-
-def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    """Writes a small JSON document atomically where the filesystem allows it (local: temp + rename)."""
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp"
-        with fs.open_output_stream(tmp) as s:
-            s.write(data)
-        fs.move(tmp, path)
-    else:  # an S3 PUT is atomic
-        with fs.open_output_stream(path) as s:
-            s.write(data)

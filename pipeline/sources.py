@@ -66,6 +66,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.rows import SHARD_ERROR_SUFFIX
 from pipeline.storage import InputError, is_s3, resolve_uri
 from pipeline.storage import describe as _describe
 
@@ -76,7 +77,6 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")  
 TAR_SUFFIXES = (".tar",)
 PARQUET_SUFFIXES = (".parquet",)
 OUTPUT_COLUMNS = ("key", "shard", "bytes", "error")
-SHARD_ERROR_SUFFIX = "#.error"
 _IMAGE_RANK = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 DEFAULT_MAX_PENDING_BYTES = 1024 * 2**20

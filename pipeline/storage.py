@@ -15,6 +15,7 @@ empty "files" in other tools, so everything that removes or moves data goes thro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import threading
@@ -159,6 +160,42 @@ def describe(exc: BaseException, limit: int = 400) -> str:
     msg = " ".join(str(exc).split())
     text = redact(f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Paths and small documents in an output
+
+
+def relative_path(root: str, path: str) -> str:
+    """`path` (in the output's filesystem) relative to the output's `root`."""
+    if not path.startswith(root + "/"):
+        raise ValueError(f"{path!r} is not under the output {root!r}")
+    return path[len(root) + 1 :]
+
+
+def make_dirs(fs: pafs.FileSystem, path: str) -> None:
+    """Creates a local directory; on object stores it does nothing, since keys need no folders and pyarrow
+    would write a marker object for every level, including levels above --output."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+
+
+def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    """Writes a small JSON document atomically where the filesystem allows it (local: temp + rename)."""
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp"
+        with fs.open_output_stream(tmp) as s:
+            s.write(data)
+        fs.move(tmp, path)
+    else:  # an S3 PUT is atomic
+        with fs.open_output_stream(path) as s:
+            s.write(data)
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any:
+    with fs.open_input_stream(path) as s:
+        return json.loads(s.read())
 
 
 # --------------------------------------------------------------------------------------------------------
