@@ -4,8 +4,9 @@ A row's `key` is its input's path relative to `--input` (loose files), `<shard>#
 samples), `<file>#<row index>` or the `--key-column` value (Parquet rows). A problem with a whole container
 is one row keyed `<shard>#.error` (SHARD_ERROR_SUFFIX): no sample key or row index ends that way.
 
-`error` is a str where a row failed, None where it did not. Ray Data stores an all-null column with Arrow's null type and hands it back to numpy as float NaNs, so a
-stage must not test `error is None`: it asks `error_column(batch)` for a clean object array instead.
+`error` is a str where a row failed, None where it did not. Ray Data stores an all-null column with
+Arrow's null type and hands it back to numpy as float NaNs, so a stage
+must not test `error is None`: it asks `error_column(batch)` for a clean object array instead.
 """
 
 from __future__ import annotations
