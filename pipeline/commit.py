@@ -1,12 +1,9 @@
-"""The driver's commit loop: which units of work are complete, staging them, recording them, placing them.
+"""The driver's commit loop: complete units are staged, recorded, then moved into place.
 
-Every row carries its `unit` (a tar or Parquet shard, or a group of loose files) and, on the unit's last
-row only, `unit_rows` = how many rows the unit has. Write tasks report one `Part` per unit per batch. A
-unit is complete when the rows of its parts add up to its total. Every `interval_s`, complete units are
-staged as one file each, named in a commit record (the commit point, pipeline/ledger.py), and then moved
-into place. A crash before the record leaves nothing visible (the next run removes the staging); a crash
-after it leaves staged files that the next run moves into place. A reader never sees a row that is later
-removed, and no key is ever written twice.
+Every `interval_s`, the complete units (pipeline/units.py) are staged as one file each, named in a commit
+record (the commit point, pipeline/ledger.py), and then moved into place. A crash before the record leaves
+nothing visible (the next run removes the staging); a crash after it leaves staged files that the next run
+moves into place. A reader never sees a row that is later removed, and no key is ever written twice.
 """
 
 from __future__ import annotations
@@ -15,11 +12,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pipeline.ledger import RunLedger, UnitRecord
-from pipeline.sink import Part
+from pipeline.units import Part, Progress, Unit
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +36,6 @@ def crash_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass(frozen=True)
-class UnitWork:
-    """What the commit loop needs to know of a unit before its rows arrive."""
-
-    shards: list[str]  # input shard rels in this unit
-    replaces: str | None = None  # --retry-errors: the committed data file whose rows this unit replaces
-    drop: tuple[str, ...] = ()  # --retry-errors: keys of that file being retried (replaced or removed)
-
-
-def shard_counts(work: UnitWork, parts: list[Part]) -> dict[str, tuple[int, int]]:
-    """(rows, errors) per input shard of a unit, added up over its parts."""
-    shards: dict[str, tuple[int, int]] = {rel: (0, 0) for rel in work.shards}
-    for part in parts:
-        for rel, (r, e) in part.shards.items():
-            r0, e0 = shards[rel]
-            shards[rel] = (r0 + r, e0 + e)
-    return shards
-
-
-@dataclass
-class _Unit:
-    work: UnitWork
-    parts: list[Part] = field(default_factory=list)
-    written: int = 0
-    total: int = -1  # -1 until the part with the unit's last row arrives
-
-    @property
-    def complete(self) -> bool:
-        return self.total >= 0 and self.written == self.total
-
-
 @dataclass
 class CommitStats:
     rows: int = 0
@@ -85,20 +51,20 @@ class Committer:
     seconds and at `finish`.
 
     `stage(units)` turns complete units into UnitRecords whose staged files are ready to move (merging
-    parts, in parallel); `move(records)` moves them into place; `check()` raises when this run may no
-    longer commit (its output lease was lost). The ledger's record is written between the two.
+    parts, in parallel); `move(records, parts)` moves them into place; `check()` raises when this run may
+    no longer commit (its output lease was lost). The ledger's record is written between the two.
     """
 
     def __init__(
         self,
-        units: dict[int, UnitWork],
+        units: Iterable[Unit],
         ledger: RunLedger,
-        stage: Callable[[list[tuple[UnitWork, list[Part]]]], list[UnitRecord]],
+        stage: Callable[[list[Progress]], list[UnitRecord]],
         move: Callable[[list[UnitRecord], list[list[Part]]], None],
         interval_s: float = 10.0,
         check: Callable[[], None] = lambda: None,
     ) -> None:
-        self.units = {u: _Unit(work) for u, work in units.items()}
+        self.units = {unit.id: Progress(unit) for unit in units}
         self.ledger, self.stage, self.move, self.check = ledger, stage, move, check
         self.interval_s = interval_s
         self.stats = CommitStats()
@@ -106,15 +72,9 @@ class Committer:
         self._last = time.monotonic()
 
     def add(self, part: Part) -> None:
-        unit = self.units[part.unit]
-        unit.parts.append(part)
-        unit.written += part.rows
+        self.units[part.unit].add(part)
         for stage, sec in part.seconds.items():
             self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + sec
-        if part.unit_rows >= 0:
-            unit.total = part.unit_rows
-        if unit.written > unit.total >= 0:
-            raise RuntimeError(f"unit {part.unit} got {unit.written} rows, more than its {unit.total}")
         crash_point("part")
         self.tick()
 
@@ -124,25 +84,25 @@ class Committer:
             self.commit()
 
     def commit(self) -> None:
-        ready = {u: unit for u, unit in self.units.items() if unit.complete}
+        ready = {u: p for u, p in self.units.items() if p.complete}
         if not ready:
             return
         self.check()
-        with_rows = [unit for unit in ready.values() if unit.parts or unit.work.replaces]
-        empty = [unit for unit in ready.values() if not (unit.parts or unit.work.replaces)]
-        records = self.stage([(unit.work, unit.parts) for unit in with_rows])
-        records += [UnitRecord(None, None, {rel: (0, 0) for rel in unit.work.shards}) for unit in empty]
+        with_rows = [p for p in ready.values() if p.parts or p.unit.replaces]
+        empty = [p for p in ready.values() if not (p.parts or p.unit.replaces)]
+        records = self.stage(with_rows)
+        records += [UnitRecord(None, None, {rel: (0, 0) for rel in p.unit.rels}) for p in empty]
         crash_point("staged")  # staged, not recorded: the next run removes it
         self.moving = True
         self.ledger.record_commit(records)
         crash_point("recorded")  # recorded, not moved: the next run moves it into place
-        self.move(records, [unit.parts for unit in with_rows])
+        self.move(records, [p.parts for p in with_rows])
         self.moving = False
         crash_point("committed")
-        for u, unit in ready.items():
-            self.stats.rows += unit.written
-            self.stats.errors += sum(p.errors for p in unit.parts)
-            self.stats.retried += len(unit.work.drop)
+        for u, p in ready.items():
+            self.stats.rows += p.written
+            self.stats.errors += sum(part.errors for part in p.parts)
+            self.stats.retried += len(p.unit.drop)
             del self.units[u]
         self.stats.files += sum(1 for r in records if r.file is not None)
         self.stats.commits += 1
@@ -150,10 +110,10 @@ class Committer:
 
     def finish(self) -> None:
         """Commits what is complete; units that produced no row at all (e.g. an empty tar) count as done."""
-        for unit in self.units.values():
-            if not unit.parts:
-                unit.total = 0
+        for p in self.units.values():
+            if not p.parts:
+                p.total = 0
         self.commit()
         if self.units:
-            lost = {u: (unit.written, unit.total) for u, unit in list(self.units.items())[:5]}
+            lost = {u: (p.written, p.total) for u, p in list(self.units.items())[:5]}
             raise RuntimeError(f"the pipeline ended with incomplete units (written, total): {lost}")

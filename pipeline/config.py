@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 FORMATS = ("auto", "files", "webdataset", "parquet")
 DTYPES = ("float32", "float16")
 DEFAULT_MAX_ERROR_RATE = 0.05
-# Images per model call unless --batch-size says otherwise: a GPU wants large batches (the H100 figures in
-# benchmarks/ are at 512; 256 keeps ViT-H/14 well inside a 16 GB card); on CPUs larger batches gain nothing.
+# Images per model call unless --batch-size says otherwise: a GPU wants large batches (256 keeps ViT-H/14
+# well inside a 16 GB card); on CPUs larger batches gain nothing.
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 64
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # a larger loose file, tar member or Parquet value is an error row
@@ -43,7 +43,7 @@ class JobConfig:
     std: tuple[float, float, float] | None = None
     max_pixels: int | None = None  # None: pipeline.decode.DEFAULT_MAX_PIXELS
     num_actors: int | None = None  # None: one per GPU, or one CPU actor when the cluster has no GPU
-    actor_cpus: float | None = None  # CPUs per CPU-fallback actor (None: half the cluster's CPUs, at least 1)
+    actor_cpus: float | None = None  # CPUs per CPU actor (None: half the smallest node's, at least 1)
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = False
     decode: str = "cpu"  # cpu: decode in CPU tasks; gpu: JPEGs decoded in the model actor (nvJPEG on GPU)

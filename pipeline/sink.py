@@ -15,12 +15,11 @@ rows become visible together, and only once committed.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.rows import SHARD_ERROR_SUFFIX, error_column, ok_mask
 from pipeline.storage import make_dirs, relative_path, resolve_uri
+from pipeline.units import Part
 
 log = logging.getLogger(__name__)
 
@@ -141,24 +141,11 @@ def write_parquet(tables: Iterable[pa.Table], fs: pafs.FileSystem, path: str, sc
     return rows
 
 
-@dataclass(frozen=True)
-class Part:
-    """One staged data file: rows of a single unit of work, written by one write call."""
-
-    staged: str  # path under _staging/<run_id>/
-    unit: int
-    rows: int
-    errors: int
-    unit_rows: int  # the unit's total row count when this part holds its last row, else -1
-    shards: dict[str, tuple[int, int]]  # input shard rel → (rows, errors) in this part
-    seconds: dict[str, float] = field(default_factory=dict)  # stage → seconds spent on these rows
-
-
 class ParquetSink:
     """Writes staged Parquet parts (one per unit per write call) and commits them into place.
 
     Plain Python, so it is testable without a cluster: `write_parts` takes one batch as a dict of numpy
-    arrays with the embed stage's columns plus `unit` and `unit_rows` (see pipeline/run.py).
+    arrays with the embed stage's columns plus `unit` and `unit_rows` (pipeline/units.py).
     """
 
     def __init__(self, output: str, spec: OutputSpec, run_id: str, metadata: Mapping[str, str]) -> None:
@@ -286,11 +273,7 @@ class ParquetSink:
 
 def write_parts(batch: dict[str, np.ndarray], sink: ParquetSink) -> dict[str, np.ndarray]:
     """The write stage as a Ray Data map_batches function: one result row per part written."""
-    parts = sink.write_parts(batch)
-    return {"part": np.array([json.dumps(asdict(p)) for p in parts], dtype=object)}
-
-
-def part_from_json(text: str) -> Part:
-    d = json.loads(text)
-    d["shards"] = {k: tuple(v) for k, v in d["shards"].items()}
-    return Part(**d)
+    written = sink.write_parts(batch)
+    parts = np.empty(len(written), dtype=object)
+    parts[:] = written
+    return {"part": parts}

@@ -237,7 +237,7 @@ PLAN = SimpleNamespace(num_params=5_000_000)
 
 
 def test_actors_are_counted_per_node_leaving_a_cpu_for_decoding(monkeypatch):
-    from pipeline.run import actor_stage
+    from pipeline.cluster import actor_stage
 
     head = {"memory": 8 * GIB}  # a KubeRay head with num-cpus 0
     cpu_node = {"CPU": 16.0, "memory": 32 * GIB}
@@ -269,7 +269,7 @@ def test_actors_are_counted_per_node_leaving_a_cpu_for_decoding(monkeypatch):
     ],
 )
 def test_no_actor_fitting_is_a_config_error(monkeypatch, nodes, overrides, expect: str):
-    from pipeline.run import actor_stage
+    from pipeline.cluster import actor_stage
 
     _fake_cluster(monkeypatch, *nodes)
     with pytest.raises(ConfigError, match=re.escape(expect)):
@@ -279,7 +279,7 @@ def test_no_actor_fitting_is_a_config_error(monkeypatch, nodes, overrides, expec
 @pytest.mark.integration
 @pytest.mark.slow
 def test_actor_stage_on_a_real_two_cpu_ray(ray_local):
-    from pipeline.run import actor_stage
+    from pipeline.cluster import actor_stage
 
     one = actor_stage(JobConfig(input="i", output="o"), PLAN)  # type: ignore[arg-type]
     assert (one.size, one.remote_args["num_cpus"], one.task_slots, one.note) == (1, 1.0, 1.0, "")

@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.commit import Committer, UnitWork
+from pipeline.commit import Committer
 from pipeline.ledger import Ledger, OutputConflictError, RunLedger
 from pipeline.sink import OutputSpec, ParquetSink
+from pipeline.sources import Shard
+from pipeline.units import Unit
 
 SPEC = OutputSpec(4, 2)
 
@@ -34,7 +36,7 @@ def _setup(tmp_path, units, interval_s=0.0, run_id="r1"):
     ledger = RunLedger(str(tmp_path), run_id)
     ledger.start({"run_id": run_id, "identity": {"model": "m"}})
     committer = Committer(
-        {u: UnitWork(shards) for u, shards in units.items()},
+        [Unit(u, tuple(Shard(rel, rel, "file", 0) for rel in rels)) for u, rels in units.items()],
         ledger,
         _stager(sink, Ledger.read(str(tmp_path)), remote=False),
         _mover(sink, ThreadPoolExecutor(2)),

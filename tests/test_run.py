@@ -17,7 +17,8 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.embed import FakeEmbedPatches
 from pipeline.ledger import OutputConflictError
-from pipeline.run import plan, run
+from pipeline.plan import plan
+from pipeline.run import run
 from pipeline.sample import encode, make_sample, photo_like
 from pipeline.sink import footer_metadata
 from pipeline.sources import InputError
@@ -209,10 +210,11 @@ def test_units_are_staged_then_moved_into_place(tmp_path: Path, ray_local: None)
     task first. Same result either way, and the merged parts are deleted."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.commit import UnitWork
     from pipeline.ledger import Ledger
     from pipeline.run import _mover, _stager
     from pipeline.sink import OutputSpec, ParquetSink
+    from pipeline.sources import Shard
+    from pipeline.units import Progress, Unit
 
     def rows(n: int, unit: int, total: int = -1) -> dict[str, np.ndarray]:
         return {
@@ -228,7 +230,9 @@ def test_units_are_staged_then_moved_into_place(tmp_path: Path, ray_local: None)
     sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r1", {})
     merged = sink.write_parts(rows(3, 0)) + sink.write_parts(rows(2, 0, total=5))
     moved = sink.write_parts(rows(4, 1, total=4))
-    records = _stager(sink, Ledger(str(tmp_path)))([(UnitWork(["u0"]), merged), (UnitWork(["u1"]), moved)])
+    units = [Unit(u, (Shard(f"u{u}", f"u{u}", "file", 0),)) for u in (0, 1)]
+    progress = [Progress(units[0], merged, 5, 5), Progress(units[1], moved, 4, 4)]
+    records = _stager(sink, Ledger(str(tmp_path)))(progress)
     assert [r.file for r in records] == [sink.final_name(0), sink.final_name(1)]
     assert [r.shards for r in records] == [{"u0": (5, 0)}, {"u1": (4, 0)}]
     assert not list(tmp_path.glob("*.parquet")), "staging makes nothing visible"

@@ -1,4 +1,4 @@
-"""pipeline/run.py's sizing decisions, without a cluster: units of work, block sizes, the bound stage."""
+"""Sizing decisions, without a cluster: units of work, block sizes, model actors, the bound stage."""
 
 from __future__ import annotations
 
@@ -7,20 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pipeline.cluster import actor_stage
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, JobConfig
 from pipeline.decode import DecodePatches
-from pipeline.run import (
-    DECODE_BATCH_ROWS,
-    MAX_FILES_PER_UNIT,
-    MIN_FILES_PER_UNIT,
-    actor_stage,
-    bottleneck,
-    bound_hint,
-    decoded_block_bytes,
-    make_units,
-)
+from pipeline.run import DECODE_BATCH_ROWS, bottleneck, bound_hint, decoded_block_bytes
 from pipeline.sample import encode, photo_like
 from pipeline.sources import Shard
+from pipeline.units import MAX_FILES_PER_UNIT, MIN_FILES_PER_UNIT, make_units
 
 
 def test_bottleneck_weighs_stage_time_by_workers():
@@ -45,14 +38,14 @@ def test_units_group_loose_files_by_cluster_size_and_keep_shards_alone():
         return [Shard(f"/in/{i}.jpg", f"{i}.jpg", "file", 1) for i in range(n)]
 
     small = make_units(files(300), task_slots=15)  # a small input still gets units of at least the minimum
-    assert [len(u) for u in small.values()] == [MIN_FILES_PER_UNIT, 300 - MIN_FILES_PER_UNIT]
+    assert [len(u.shards) for u in small] == [MIN_FILES_PER_UNIT, 300 - MIN_FILES_PER_UNIT]
     mid = make_units(files(6000), task_slots=1)  # four tasks for the one slot
-    assert [len(u) for u in mid.values()] == [1500] * 4
+    assert [len(u.shards) for u in mid] == [1500] * 4
     big = make_units(files(100_000), task_slots=2)
-    assert max(len(u) for u in big.values()) == MAX_FILES_PER_UNIT
+    assert max(len(u.shards) for u in big) == MAX_FILES_PER_UNIT
     mixed = make_units([*files(10), Shard("/in/a.tar", "a.tar", "webdataset", 9)], task_slots=4)
-    assert [[s.rel for s in u] for u in mixed.values()][-1] == ["a.tar"] and len(mixed) == 2
-    every = [s.rel for u in big.values() for s in u]
+    assert [u.rels for u in mixed][-1] == ["a.tar"] and len(mixed) == 2
+    every = [rel for u in big for rel in u.rels]
     assert sorted(every) == sorted(s.rel for s in files(100_000))  # each file in exactly one unit
 
 
@@ -99,7 +92,7 @@ def test_model_batch_size_defaults_by_actor_kind(monkeypatch, gpus: int, batch_s
 
 
 def test_write_batches_hold_a_commit_interval_of_rows():
-    from pipeline.run import MAX_WRITE_ROWS, ActorStage, write_batch_rows
+    from pipeline.cluster import MAX_WRITE_ROWS, ActorStage, write_batch_rows
     from vit.model import PRESETS
 
     def stage(gpu: bool, size: int = 1, slots: float = 1.0, batch: int = 64) -> ActorStage:

@@ -8,7 +8,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sink import OutputSpec, ParquetSink, footer_metadata, part_from_json, to_table, write_parts
+from pipeline.sink import OutputSpec, ParquetSink, footer_metadata, to_table, write_parts
 
 
 def _batch(n: int, dim: int, classes: int, bad: set[int], shard: str = "s0") -> dict[str, np.ndarray]:
@@ -114,11 +114,10 @@ def test_a_replacement_swaps_the_retried_rows_in_one_file(tmp_path):
     assert footer_metadata(pq.ParquetFile(tmp_path / name))["run_id"] == "r1"
 
 
-def test_part_json_round_trip(tmp_path):
+def test_the_write_stage_reports_one_part_per_unit(tmp_path):
     sink = ParquetSink(str(tmp_path), OutputSpec(4, 2), "r", {})
     [part] = sink.write_parts(_unit_batch(3, 4, 2, {2}, 5, "x", total=3))
-    text = write_parts(_unit_batch(3, 4, 2, {2}, 5, "x", total=3), sink)["part"][0]
-    again = part_from_json(text)
+    [again] = write_parts(_unit_batch(3, 4, 2, {2}, 5, "x", total=3), sink)["part"]
     assert (again.unit, again.rows, again.errors, again.unit_rows, again.shards) == (
         5,
         3,

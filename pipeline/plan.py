@@ -1,0 +1,214 @@
+"""Planning: everything a run decides before any worker starts, and what `--dry-run` prints.
+
+`plan(config, lease)` loads the weights once (validating them), lists and checks the input, takes the
+output's lease (a run; `--dry-run` takes none), reads the output's ledger and decides what is still to do.
+Arguments refused here leave the output untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.parquet as pq
+
+from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, JobConfig
+from pipeline.decode import DEFAULT_MAX_PIXELS, check_sizes
+from pipeline.embed import ModelSpec
+from pipeline.lease import OutputLease
+from pipeline.ledger import Ledger
+from pipeline.sink import OutputSpec
+from pipeline.sources import Shard, check_parquet_columns, check_unique_keys, list_shards
+from pipeline.storage import resolve_uri
+from pipeline.units import Unit
+
+if TYPE_CHECKING:
+    from vit.checkpoints import LoadedModel
+    from vit.model import ViTConfig
+
+
+@dataclass
+class Plan:
+    config: JobConfig
+    shards: list[Shard]  # still to do
+    skipped_shards: int
+    skipped_rows: int
+    spec: ModelSpec
+    model: ViTConfig  # the loaded model's sizes
+    resize_size: int
+    num_params: int
+    output: OutputSpec
+    identity: dict[str, str]  # recorded in the ledger and in every data file's footer
+    ledger: Ledger  # the output's ledger as read when planning
+    retry: list[Unit] = field(default_factory=list)  # --retry-errors; make_units numbers them
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gmacs(self) -> float:
+        """The model's multiply-accumulates per image, in billions."""
+        return self.model.gmacs()
+
+    def decode_settings(self) -> dict[str, Any]:
+        """The decode stage's arguments (DecodePatches, or GpuDecoder with --decode gpu)."""
+        return {
+            "image_size": self.model.image_size,
+            "patch_size": self.model.patch_size,
+            "resize_size": self.resize_size,
+            "max_pixels": self.config.max_pixels or DEFAULT_MAX_PIXELS,
+        }
+
+    def describe(self) -> str:
+        kinds = sorted({s.kind for s in self.shards}) or ["(nothing new)"]
+        ident = self.identity
+        batch = self.config.batch_size or f"{GPU_BATCH_SIZE} (GPU actors) or {CPU_BATCH_SIZE} (CPU)"
+        retry = f"; {sum(len(u.drop) for u in self.retry)} error rows to retry" if self.retry else ""
+        return "\n".join(
+            [
+                f"input:   {self.config.input} ({len(self.shards)} shards to do: {', '.join(kinds)}; "
+                f"{self.skipped_shards} already done{retry})",
+                f"output:  {self.config.output}",
+                f"model:   {ident['model']} weights={ident['weights']} sha256={ident['weights_sha256'][:16]}",
+                f"         embedding[{self.output.embedding_dim}] {self.output.embedding_dtype}, "
+                f"logits[{self.output.num_classes}] {self.output.logits_dtype}",
+                f"preproc: {ident['preprocessing']}",
+                f"batch:   {batch} images per model call",
+            ]
+        )
+
+
+def project_version() -> str:
+    try:
+        return importlib_metadata.version("vit-embed")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def model_spec(config: JobConfig) -> ModelSpec:
+    return ModelSpec(
+        preset=config.model,
+        weights=config.weights,
+        image_size=config.image_size,
+        seed=config.seed,
+        class_names=config.class_names,
+        mean=config.mean,
+        std=config.std,
+    )
+
+
+def identity(config: JobConfig, loaded: LoadedModel, resize_size: int) -> dict[str, str]:
+    """What makes rows comparable: model, weights, preprocessing, dtypes (pipeline/ledger.py compares it
+    between runs into one output); also the footer metadata of every data file."""
+    mc = loaded.model.config
+    ident = {k: v for k, v in loaded.identity().items() if k not in ("preset", "sha256")}
+    ident.update(
+        {
+            "model": config.model,
+            "weights": config.weights,
+            "weights_sha256": loaded.sha256 or "random",
+            "seed": str(config.seed) if loaded.sha256 is None else "",  # random weights depend on it
+            "image_size": str(mc.image_size),
+            "patch_size": str(mc.patch_size),
+            "resize_size": str(resize_size),
+            "preprocessing": (
+                f"RGB (EXIF orientation applied, alpha composited on white); torchvision ViT resize: "
+                f"shorter side to {resize_size}, bilinear antialias (JPEG: DCT-domain downscale + OpenCV "
+                f"resample of the crop window, >= 30 dB PSNR vs torchvision), centre crop {mc.image_size}; "
+                f"uint8 patches (kh, kw, c); normalize (x/255 - mean) / std"
+            ),
+            "embedding": "CLS token after the final LayerNorm",
+            "embedding_dtype": config.embedding_dtype,
+            "logits_dtype": config.logits_dtype,
+            "decode": "JPEG on the model's device (nvJPEG on GPUs), others on CPU"
+            if config.decode == "gpu"
+            else "CPU (libjpeg-turbo for JPEG, Pillow for other formats)",
+            "version": project_version(),
+        }
+    )
+    if loaded.class_names:
+        ident["class_names"] = json.dumps(loaded.class_names)
+    ident.update(config.extra)
+    return ident
+
+
+def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
+    """Validates the arguments, weights and input, then takes `lease` and reads the output's ledger."""
+    spec = model_spec(config)
+    loaded = spec.load()  # validates the weights here, once, before any worker starts
+    mc = loaded.model.config
+    resize_size = check_sizes(mc.image_size, mc.patch_size, None)  # the decode stage's default
+    ident = identity(config, loaded, resize_size)
+    output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
+
+    shards = list_shards(config.input, config.format)
+    parquet = [s for s in shards if s.kind == "parquet"]
+    if parquet:  # the image and key columns, on one file's schema
+        check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
+    if lease is not None:
+        lease.acquire()
+    ledger = Ledger.read(config.output)
+    ledger.check_identity(ident)
+    todo = [s for s in shards if s.rel not in ledger.done]
+    if config.key_column is not None and config.key_column != config.image_column:
+        check_unique_keys(
+            config.input, [s for s in todo if s.kind == "parquet"], config.key_column, committed_keys(ledger)
+        )
+    skipped = [s for s in shards if s.rel in ledger.done]
+    result = Plan(
+        config=config,
+        shards=todo,
+        skipped_shards=len(skipped),
+        skipped_rows=sum(ledger.done[s.rel][0] for s in skipped),
+        spec=spec,
+        model=mc,
+        resize_size=resize_size,
+        num_params=sum(p.numel() for p in loaded.model.parameters()),
+        output=output,
+        identity=ident,
+        ledger=ledger,
+    )
+    if config.retry_errors:
+        result.retry, result.notes = retry_units(ledger, {s.rel: s for s in skipped})
+    return result
+
+
+def committed_keys(ledger: Ledger) -> set[str]:
+    """Every key in the output's committed data files (read from their `key` column only): a
+    --key-column value already there must not come again."""
+    fs, root = resolve_uri(ledger.output)
+    keys: set[str] = set()
+    for file in ledger.files:
+        keys.update(pq.read_table(f"{root}/{file}", columns=["key"], filesystem=fs)["key"].to_pylist())
+    return keys
+
+
+def retry_units(ledger: Ledger, listed: dict[str, Shard]) -> tuple[list[Unit], list[str]]:
+    """--retry-errors: one unit per committed data file holding error rows. It re-reads only the error
+    rows' keys (a shard's `#.error` row: the whole shard) and replaces them in that file. Returns the units
+    (numbered by make_units) and notes for the summary."""
+    fs, root = resolve_uri(ledger.output)
+    units, gone = [], 0
+    for file, rels in sorted(ledger.files.items()):
+        if not any(ledger.done.get(rel, (0, 0))[1] for rel in rels):
+            continue  # the ledger counts each shard's error rows: no need to open the file
+        table = pq.read_table(f"{root}/{file}", columns=["key", "error"], filesystem=fs)
+        keys = [k for k, e in zip(table["key"].to_pylist(), table["error"].to_pylist()) if e is not None]
+        if not keys:
+            continue
+        # A tar or Parquet shard is a unit alone; loose files share a unit, and a row's key is its path.
+        targets = {rels[0]: keys} if len(rels) == 1 else {k: [k] for k in keys if k in rels}
+        shards = tuple(
+            dataclasses.replace(listed[rel], keys=tuple(ks)) for rel, ks in targets.items() if rel in listed
+        )
+        gone += sum(len(ks) for rel, ks in targets.items() if rel not in listed)
+        if shards:
+            drop = tuple(k for s in shards for k in (s.keys or ()))
+            units.append(Unit(-1, shards, replaces=file, drop=drop))
+    notes = (
+        [f"{gone} error rows are of inputs no longer under --input; they were left as they are."]
+        if gone
+        else []
+    )
+    return units, notes

@@ -1,0 +1,120 @@
+"""How a run stops: SIGINT and SIGTERM, and a Ray cluster that goes away, end it with status 3.
+
+What was committed stays; the same command does the rest (the commit protocol, pipeline/commit.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from types import FrameType
+
+RERUN = "units committed so far are kept; run the same command again to do the rest"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: raised in the main thread, so the run's clean-up (`finally`) runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+class _StopOnSignal:
+    """The handler of SIGINT and SIGTERM: the first raises Stopped, a second exits at once (status 3)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping:
+            os.write(2, f"stopped by {name} while stopping: exiting now; {RERUN}.\n".encode())
+            _stop_local_ray()
+            os._exit(3)
+        self.stopping = True
+        raise Stopped(signum)
+
+
+def _stop_local_ray(timeout_s: float = 2.0) -> None:
+    """Stops the processes of a local Ray this process started (none when it connected to a cluster),
+    the raylet first: it stops its workers and agents, which outlive a raylet killed by our exit."""
+    ray = sys.modules.get("ray")
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    kinds = sorted(getattr(node, "all_processes", {}).items(), key=lambda kind: kind[0] != "raylet")
+    for _, infos in kinds:
+        for info in infos:
+            try:
+                info.process.terminate()
+                info.process.wait(timeout_s)
+            except Exception:  # best effort: the process exits next whatever happens here
+                pass
+
+
+def install_signal_handlers() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (Kubernetes, `ray job stop`) stop the run with status 3.
+
+    `pipeline.cluster.ensure_ray` puts these back after `ray.init`, which replaces the driver's SIGTERM
+    handler with one that calls sys.exit.
+    """
+    handler = _StopOnSignal()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+class ClusterWatch(threading.Thread):
+    """Ends the process with one sentence and status 3 when the Ray cluster's GCS stops answering.
+
+    Without it the driver waits on a dead cluster until Ray's core worker gives up on the GCS
+    (RAY_gcs_rpc_server_reconnect_timeout_s, 60 s by default) and ends the process itself with status 1
+    and a C++ log line. The watch probes the GCS port every `interval_s` while Ray is connected and,
+    after `grace_s` without an answer (10 s less than Ray's timeout, so a GCS that restarts within
+    Ray's window, as with GCS fault tolerance, does not stop the run), exits at once: the cluster's
+    work is lost anyway, and the next run removes what this one left uncommitted.
+    """
+
+    def __init__(self, interval_s: float = 2.0, grace_s: float | None = None) -> None:
+        super().__init__(name="cluster-watch", daemon=True)
+        ray_timeout = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60"))  # noqa: SIM112
+        self.interval_s = interval_s
+        self.grace_s = grace_s if grace_s is not None else max(5.0, ray_timeout - 10.0)
+
+    def gcs_address(self) -> str | None:
+        ray = sys.modules.get("ray")
+        try:
+            return str(ray.get_runtime_context().gcs_address) if ray and ray.is_initialized() else None
+        except Exception:  # connecting or shutting down
+            return None
+
+    def run(self) -> None:
+        silent_since: float | None = None
+        while True:
+            time.sleep(self.interval_s)
+            address = self.gcs_address()
+            if address is None or _answers(address, timeout_s=self.interval_s):
+                silent_since = None
+                continue
+            now = time.monotonic()
+            silent_since = silent_since or now
+            if now - silent_since >= self.grace_s and self.gcs_address():
+                os.write(
+                    2,
+                    f"error: the Ray cluster went away: its GCS at {address} has not answered for "
+                    f"{now - silent_since:.0f} s; {RERUN}.\n".encode(),
+                )
+                os._exit(3)
+
+
+def _answers(address: str, timeout_s: float) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
