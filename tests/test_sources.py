@@ -1,4 +1,4 @@
-"""pipeline/sources.py: URIs, listing, and the read stage for loose files, webdataset tars and Parquet."""
+"""pipeline/sources: URIs, listing, and the read stage for loose files, webdataset tars and Parquet."""
 
 from __future__ import annotations
 
@@ -693,6 +693,54 @@ def test_retry_keys_filter_parquet_and_loose_files(tmp_path: Path) -> None:
     assert rows == [("a.jpg", JPG), ("c.jpg", JPG)]
     assert set(flaky.opens) == {files[0].path, files[2].path}  # b.png was not even opened
     assert shards_to_items(retry)[1]["keys"] == ["a.jpg"]
+
+
+def test_batches_takes_shards_like_the_column_interface(tmp_path: Path) -> None:
+    write_files(tmp_path / "f", {"a.jpg": JPG, "b.png": PNG})
+    tar = tar_bytes([("0001.jpg", JPG), ("0002.png", PNG), ("0003.txt", b"t")])
+    write_files(tmp_path / "w", {"s.tar": tar})
+    table = pa.table({"image": pa.array([PNG, None, JPG], pa.binary())})
+    write_files(tmp_path / "p", {"x.parquet": parquet_bytes(table)})
+    a, b, s_tar, x_pq = (s for d in "fwp" for s in list_shards(str(tmp_path / d)))
+    reader = ReadShards(str(tmp_path), rows_per_batch=3)
+
+    def batch_rows(batches) -> list[list[tuple]]:
+        out = []
+        for batch in batches:
+            assert list(batch) == ["key", "shard", "bytes", "error"]
+            assert all(column.dtype == object for column in batch.values())
+            out.append(list(zip(batch["key"], batch["shard"], batch["bytes"], batch["error"], strict=True)))
+        return out
+
+    shards = [a, b, s_tar, x_pq]
+    got = batch_rows(reader.batches(iter(shards)))
+    assert got == batch_rows(reader(items_batch(shards)))
+    assert [len(rows) for rows in got] == [3, 3, 2]
+    assert [(key, shard) for rows in got for key, shard, _, _ in rows] == [
+        ("a.jpg", "a.jpg"),
+        ("b.png", "b.png"),
+        ("s.tar#0001", "s.tar"),
+        ("s.tar#0002", "s.tar"),
+        ("s.tar#0003", "s.tar"),
+        ("x.parquet#0", "x.parquet"),
+        ("x.parquet#1", "x.parquet"),
+        ("x.parquet#2", "x.parquet"),
+    ]
+
+    retry = [
+        replace(a, keys=()),
+        replace(b, keys=("b.png",)),
+        replace(s_tar, keys=("s.tar#0003",)),
+        replace(x_pq, keys=("x.parquet#2", "x.parquet#9")),
+    ]
+    got = batch_rows(reader.batches(retry))
+    assert got == batch_rows(reader(items_batch(retry)))
+    assert [row for rows in got for row in rows] == [
+        ("b.png", "b.png", PNG, None),
+        ("s.tar#0003", "s.tar", None, "read: tar sample has no image member (found: txt)"),
+        ("x.parquet#2", "x.parquet", JPG, None),
+    ]
+    assert list(reader.batches([])) == []
 
 
 # --------------------------------------------------------------------------------------------------------
