@@ -1,4 +1,4 @@
-"""Output bytes per image (issue #5, target 5): ≤ 3.0 KB with float16 embedding + float16 logits, ViT-B/16.
+"""Output bytes per image with float16 embedding + float16 logits, ViT-B/16 (target ≤ 3.0 KB).
 
 Runs the real stages without Ray, in this process: ``--images`` photo-like images from
 ``pipeline.sample.make_sample`` (JPEG q90, 1 in 8 PNG, 160–640 px) → ``DecodePatches`` (224 px) →
@@ -6,30 +6,31 @@ Runs the real stages without Ray, in this process: ``--images`` photo-like image
 the same rows five ways and reads the sizes back from the files:
 
 - **ours**: float16 + float16 with the pipeline's own writer (``pipeline.sink.to_table`` +
-  ``write_parquet``: zstd, byte-stream-split on the float leaves, dictionary for key/error);
-- float16 + float16 with the same settings but no byte-stream-split;
+  ``write_parquet``: zstd, dictionary for key/error, byte-stream-split on float32 leaves only: DuckDB
+  cannot read it on float16 columns);
+- float16 + float16, zstd, byte-stream-split (smaller, but DuckDB cannot read it);
 - float16 + float16, byte-stream-split, zstd level 19 instead of Arrow's default 1 (a lossless lever);
-- float32 + float32 with the pipeline's writer;
+- float32 + float32 with the pipeline's writer (byte-stream-split);
 - **baseline**: float32 + float32, zstd, no byte-stream-split (what ``pyarrow.parquet.write_table`` with
   zstd gives).
 
 Per image: the column chunks' compressed bytes ÷ rows (what a file converges to), and the footer (schema,
-row-group metadata, the ``vit_embed.*`` identity) in bytes per file, amortized over 256 rows (the smallest
-unit of loose files, ``MIN_FILES_PER_UNIT``; one unit is one output file) and over 4096 rows (the
-largest). The encodings column is read back from the file's metadata, so it shows whether
-byte-stream-split really was applied (DESIGN.md: a list column's *name* is silently ignored; the leaf path
-works).
+row-group metadata, the ``vit_embed.*`` identity) in bytes per file, amortized over the smallest and the
+largest unit of loose files (``pipeline.units.MIN_FILES_PER_UNIT`` and ``MAX_FILES_PER_UNIT`` rows: one
+unit is one output file). The encodings are read back from the file's metadata, so they show whether
+byte-stream-split was applied (a list column is named by its leaf path, ``embedding.list.element``; its
+plain name is silently ignored). Column bytes are also printed for 32–1024 rows per file, with and without
+byte-stream-split: small files (a small unit, the last file of a run) give zstd less to learn from.
 
 Random weights: the embedding is the CLS token after the final LayerNorm, so its scale and sign pattern
-look like a trained model's; the logits come from a random head (std 0.02 weights), so they are a narrow,
-nearly Gaussian cloud, where a trained head gives a wide distribution with a few large positive values.
-float16 compressibility depends mostly on how many distinct exponents occur (the 10 mantissa bits are close
-to random either way), which is why the script also prints the order-0 entropy of the high and low bytes:
-a check on how much of the compression comes from the exponent byte. Figures for a trained checkpoint may
-differ; rerun with ``--weights`` pointing to one.
+look like a trained model's; the logits come from a random head (std 0.02 weights), a narrow, nearly
+Gaussian cloud, where a trained head gives a wide distribution with a few large positive values. float16
+compressibility depends mostly on how many distinct exponents occur (the 10 mantissa bits are close to
+random either way), so the script prints the order-0 entropy of the high and low bytes too: the floor for
+a byte-wise lossless coder. Rerun with ``--weights`` on a trained checkpoint for its figures.
 
     python benchmarks/output_size.py                   # 256 images, ~1–2 min on 2 CPUs
-    python benchmarks/output_size.py --images 64       # quick
+    python benchmarks/output_size.py --images 64       # quick (fewer rows per file: see the README)
     python benchmarks/output_size.py --weights vit_b_16-c867db91.pth --images 512
 """
 
@@ -54,14 +55,14 @@ from pipeline.decode import DecodePatches
 from pipeline.embed import EmbedPatches, ModelSpec
 from pipeline.sample import make_sample
 from pipeline.sink import ROW_GROUP_ROWS, OutputSpec, to_table, write_parquet
+from pipeline.units import MAX_FILES_PER_UNIT, MIN_FILES_PER_UNIT
 
 TARGET_BYTES = 3000  # 3.0 KB (3.0 KiB = 3072 would be looser)
-ROWS_PER_UNIT_FILE = 256  # pipeline/run.py MIN_FILES_PER_UNIT: the smallest output file of loose files
 
 # (name, embedding dtype, logits dtype, byte-stream-split, zstd level; None: the pipeline's own writer)
 VARIANTS = [
     ("ours: f16+f16, pipeline writer", "float16", "float16", False, None),
-    ("f16+f16, no BSS", "float16", "float16", False, 1),
+    ("f16+f16, BSS", "float16", "float16", True, 1),
     ("f16+f16, BSS, zstd 19", "float16", "float16", True, 19),
     ("f32+f32, BSS", "float32", "float32", True, None),
     ("baseline: f32+f32, no BSS", "float32", "float32", False, 1),
@@ -165,7 +166,7 @@ def byte_entropy(values: np.ndarray) -> tuple[float, float]:
 
 
 def identity_metadata(args: argparse.Namespace) -> dict[str, str]:
-    """Footer key-values like a real run's (pipeline/run.py records these; values here are representative)."""
+    """Footer key-values like a real run's (pipeline/plan.py's identity; values here are representative)."""
     meta = {
         "model": args.model,
         "weights": args.weights,
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     n = len(rows["key"])
     dim, classes = rows["embedding"].shape[1], rows["logits"].shape[1]
     base = results[VARIANTS[-1][0]]
-    f16_plain = results[VARIANTS[1][0]]
+    f16_bss = results[VARIANTS[1][0]]
+    small, large = f"bytes_per_image_{MIN_FILES_PER_UNIT}_rows", f"bytes_per_image_{MAX_FILES_PER_UNIT}_rows"
     print(
         f"\nbytes per image ({n} rows in one file; raw float16 = {2 * (dim + classes)} B, float32 = "
         f"{4 * (dim + classes)} B); columns = key + embedding + logits + error (compressed, with page "
@@ -240,26 +242,27 @@ def main(argv: list[str] | None = None) -> None:
         "logits",
         "error",
         "footer/file",
-        "@256 rows",
+        f"@{MIN_FILES_PER_UNIT} rows",
         "vs baseline",
     )
-    print("{:<27} {:>7} {:>5} {:>9} {:>7} {:>5} {:>11} {:>9} {:>11}".format(*titles))
+    w = max(len(name) for name in results)
+    print(f"{{:<{w}}} {{:>7}} {{:>5}} {{:>9}} {{:>7}} {{:>5}} {{:>11}} {{:>9}} {{:>11}}".format(*titles))
     for name, r in results.items():
         per = {k: v / n for k, v in r["column_bytes"].items()}
         r["bytes_per_image"] = round(r["data_bytes"] / n, 1)
-        r["bytes_per_image_256_rows"] = round(r["data_bytes"] / n + r["footer_bytes"] / ROWS_PER_UNIT_FILE, 1)
-        r["bytes_per_image_4096_rows"] = round(r["data_bytes"] / n + r["footer_bytes"] / 4096, 1)
+        r[small] = round(r["data_bytes"] / n + r["footer_bytes"] / MIN_FILES_PER_UNIT, 1)
+        r[large] = round(r["data_bytes"] / n + r["footer_bytes"] / MAX_FILES_PER_UNIT, 1)
         r["ratio_vs_baseline"] = round(r["data_bytes"] / base["data_bytes"], 3)
         print(
-            f"{name:<27} {r['bytes_per_image']:>7.0f} {per.get('key', 0):>5.0f} {per['embedding']:>9.0f} "
+            f"{name:<{w}} {r['bytes_per_image']:>7.0f} {per.get('key', 0):>5.0f} {per['embedding']:>9.0f} "
             f"{per['logits']:>7.0f} {per.get('error', 0):>5.0f} {r['footer_bytes']:>11} "
-            f"{r['bytes_per_image_256_rows']:>9.0f} {r['ratio_vs_baseline']:>10.2f}×"
+            f"{r[small]:>9.0f} {r['ratio_vs_baseline']:>10.2f}×"
         )
     ours = results[VARIANTS[0][0]]
     print("\nencodings of the float columns (from the files):")
     for name, r in results.items():
         print(
-            f"  {name:<27} embedding {','.join(r['encodings']['embedding'])}; "
+            f"  {name:<{w}} embedding {','.join(r['encodings']['embedding'])}; "
             f"logits {','.join(r['encodings']['logits'])}"
         )
 
@@ -283,18 +286,18 @@ def main(argv: list[str] | None = None) -> None:
             f"entropy high byte {hi:.2f} bits, low byte {lo:.2f} bits → order-0 bound "
             f"{(hi + lo) / 8:.2f} B/value; written {per_value:.2f} B/value"
         )
-    bss_gain = f16_plain["data_bytes"] / ours["data_bytes"]
-    verdict = "met" if ours["bytes_per_image_256_rows"] <= TARGET_BYTES else "NOT met"
+    bss_gain = ours["data_bytes"] / f16_bss["data_bytes"]
+    verdict = "met" if ours[small] <= TARGET_BYTES else "NOT met"
     print(
         "\nfloat16 + float16, the pipeline's writer (zstd; no byte-stream-split on float16, see sink.py): "
-        f"{ours['bytes_per_image']:.0f} B/image of column "
-        f"data, {ours['bytes_per_image_256_rows']:.0f} B/image with the footer of a 256-row file "
-        f"({ours['bytes_per_image_4096_rows']:.0f} B at 4096 rows); target ≤ {TARGET_BYTES} B (3.0 KB): "
-        f"{verdict} (3.0 KiB = 3072 B: {'met' if ours['bytes_per_image_256_rows'] <= 3072 else 'NOT met'}). "
+        f"{ours['bytes_per_image']:.0f} B/image of column data, {ours[small]:.0f} B/image with the footer "
+        f"of a {MIN_FILES_PER_UNIT}-row file ({ours[large]:.0f} B at {MAX_FILES_PER_UNIT} rows); target "
+        f"≤ {TARGET_BYTES} B (3.0 KB): {verdict} (3.0 KiB = 3072 B: "
+        f"{'met' if ours[small] <= 3072 else 'NOT met'}). "
         f"{base['data_bytes'] / ours['data_bytes']:.2f}× smaller than the float32 no-BSS baseline; "
-        f"byte-stream-split alone: {bss_gain:.2f}×. Order-0 entropy of these float16 bytes: {floor:.0f} "
-        f"B/image of embedding + logits (a byte-wise lossless coder's floor). Random weights: a trained "
-        f"head's logits may compress differently."
+        f"byte-stream-split on float16 would make it {bss_gain:.2f}× smaller again. Order-0 entropy of "
+        f"these float16 bytes: {floor:.0f} B/image of embedding + logits (a byte-wise lossless coder's "
+        f"floor). Random weights: a trained head's logits may compress differently."
     )
     if args.json:
         out = {

@@ -1,58 +1,42 @@
-"""Pipeline efficiency and memory (issue #5, targets 3 and 4), with the fast fake model.
+"""Pipeline efficiency and peak memory, with the fast fake model (``FakeEmbedPatches``).
 
-Default mode, **efficiency** (target 3: end-to-end images/s ÷ the slowest stage's standalone images/s
-≥ 85 %). Each round, in this one process:
+**Efficiency** (default): end-to-end images/s ÷ the slowest stage's standalone images/s (target ≥ 85 %).
+Each round, in this process:
 
-1. *Standalone*: every stage alone, one after the other, over the same N images, in this (the driver's)
-   process, on one thread (``OMP_NUM_THREADS=1``, as Ray gives a 1-CPU task), in the units the pipeline
-   hands it: read = ``ReadShards`` over groups of 256 loose files (``FILES_PER_UNIT``, one read task's
-   unit), decode = ``DecodePatches`` over the rows that produced, embed = ``FakeEmbedPatches`` over
-   ``--batch-size`` batches, write = ``to_table`` + ``write_parquet`` into one local file. Wall seconds
-   (``time.perf_counter``); nothing else of ours runs meanwhile.
-2. *End to end*: ``pipeline.run.run(JobConfig(...), embedder=FakeEmbedPatches)`` over the same input into
-   a fresh output directory; its summary's ``images_per_s`` (its clock covers planning, actor start,
-   execution, commit and the run record; the local Ray cluster is started beforehand and not counted,
-   and a warm-up run has started Ray's worker processes once).
-3. A run over ``--small-images`` images, so that t = fixed + n / marginal splits the per-run fixed cost
-   (planning, actor start, first batch, final commit) from the per-image rate; "marginal" efficiency is
-   that rate ÷ the slowest stage.
+1. *Standalone*: each stage alone over the same N images, on one thread of this process
+   (``OMP_NUM_THREADS=1``, as Ray runs a 1-CPU task), in the units the pipeline gives it: read =
+   ``ReadShards.batches`` over each unit of ``make_units`` (wrapped by ``tag_rows``, as in the read+decode
+   task), decode = ``DecodePatches`` on those batches, embed = the fake model on ``--batch-size`` batches,
+   write = ``to_table`` + ``write_parquet`` into one local file. Wall seconds, then × the CPUs the stage
+   gets in the pipeline: with C CPUs and no GPU the job gives the model actor ``max(1, C // 2)`` CPUs
+   (``pipeline.cluster.actor_stage``) and read+decode tasks the rest, one CPU each; write tasks take no CPU
+   (``WRITE_CPUS``). So read and decode × (C − actor CPUs), embed × actors (the fake model is
+   single-threaded numpy), write × 1; on 2 CPUs every stage × 1.
+2. *End to end*: ``pipeline.run.run(JobConfig(...), embedder=FakeEmbedPatches)`` on the same input into a
+   fresh output; its summary's ``images_per_s`` (planning, actor start, execution, commits and the run
+   record; the local Ray is started before timing and a warm-up run has started its workers).
+3. A ``--small-images`` run: t = fixed + n / marginal splits the per-run fixed cost from the per-image
+   rate; the "marginal" efficiency is that rate ÷ the slowest stage.
 
-During the end-to-end run a thread samples the CPU time of every process of the local Ray cluster (this
-process's descendants, via ``/proc``): CPU ms per image for the whole pipeline against the stages' own,
-split into driver, task workers (read+decode, write, commit placement), the model actor and Ray's own
-processes, and the number of Ray worker processes started during the run. The load average is printed:
-this machine is shared, and other processes' load lowers the end-to-end figure more than the standalone
-ones (the pipeline needs both cores, a standalone stage one). Ray is started as ``jobs/embed.py`` starts a
-local Ray (idle worker processes kept for ``IDLE_WORKER_KEEP_MS``); ``--ray-default-workers`` uses Ray's
-default instead (idle workers beyond one per CPU killed after 1 s), to compare.
+Printed: the ratio against the slowest stage and against the slowest operator (read+decode as one: they
+share a task), and, from a sampler reading ``/proc`` during the end-to-end run, CPU ms per image of the
+whole local Ray cluster (driver, task workers, model actor, Ray's own processes) against the stages'
+standalone CPU time, and how many Ray worker processes started. The load average is printed too: on a
+shared machine other load lowers the end-to-end figure (it needs every core) more than the standalone ones.
+Ray keeps idle workers for ``IDLE_WORKER_KEEP_MS`` as the job's local Ray does; ``--ray-default-workers``
+uses Ray's default (idle workers beyond one per CPU killed after 1 s), to compare.
 
-"Standalone with the CPUs the stage gets in the pipeline": on a cluster of C CPUs without a GPU the job
-gives the model actor ``max(1, floor(C/2))`` CPUs and leaves the rest to read+decode tasks (one CPU each,
-read and decode fused in one task); write tasks ask for 0.25 CPU (``WRITE_CPUS``) and fit in between. So a
-stage's standalone figure is its one-thread rate × the CPUs it gets: read and decode × (C − actor CPUs),
-embed × number of actors (the fake model is single-threaded numpy), write × 1. On this 2-vCPU machine that
-is × 1 for every stage: decode tasks on one core, the actor on the other, which is how the pipeline runs
-them concurrently. The ratio printed is end-to-end ÷ the slowest stage (the issue's definition); the
-ratio against the slowest operator, counting read+decode as one (they share a task), is printed too.
-Standalone CPU time is the main thread's (``time.thread_time``: Ray's threads in this process excluded).
+Then a run with ``--check-actors`` model actors (fractional CPUs so they fit, a fake model too slow for one
+actor) records when each actor was constructed and got its first batch: ``ActorPoolStrategy(size=n)``
+starts all n actors at once, with no ramp-up.
 
-It also checks that the model actor pool starts at full size (NVIDIA-NeMo/Curator#1618): a run with
-``--check-actors`` actors (fractional CPUs so they fit) records when each actor was constructed and when
-it got its first batch. From the Ray Data source (2.60, ``ray/data/_internal/compute.py`` and
-``execution/operators/actor_pool_map_operator.py``): ``ActorPoolStrategy(size=n)`` sets
-``min_size = max_size = initial_size = n``; ``ActorPoolMapOperator.start()`` calls
-``scale(delta=initial_size)``, which creates all n actors in one loop; they start asynchronously
-(``DataContext.wait_for_min_actors_s`` defaults to -1: execution does not wait) and tasks go to the
-actors as each becomes ready. There is no ramp-up with a fixed ``size``; ramp-up happens only with
-``min_size`` < ``max_size`` (the autoscaler adds actors as queues grow).
+**Memory** (``--memory``): peak memory at N and 10 N images (target ≤ 1.2×), a fresh local Ray per run. A
+thread samples every process under this one (driver, GCS, raylet, agents, workers, actors) from
+``/proc/<pid>/smaps_rollup`` every ``--sample-s``, and Ray's object-store use (pages in ``/dev/shm`` that no
+process maps any more are in no process's PSS). The measure is the peak of Σ PSS + object store; Σ PSS,
+Σ RSS (shared pages counted once per process) and the PSS per kind of process at the peak are printed too.
 
-``--memory``, **memory** (target 4: peak memory flat, ≤ 1.2×, when the dataset grows 10×): a fresh local
-Ray cluster per run; a thread samples every process in this process's tree (driver, GCS, raylet, agents,
-workers and actors) from ``/proc/<pid>/smaps_rollup`` every ``--sample-s`` and keeps the peak of the sums
-of PSS (shared pages, e.g. the plasma object store and libraries, divided among the processes mapping
-them: the machine's real footprint) and of RSS (shared pages counted once per process). N and 10N images.
-
-    python benchmarks/pipeline.py                      # efficiency, 3 rounds of 24,000 images, actor check
+    python benchmarks/pipeline.py                      # 3 rounds of 24,000 images, then the actor check
     python benchmarks/pipeline.py --delay-s 0.05       # a slower fake model: embed becomes the bound
     python benchmarks/pipeline.py --memory             # peak memory, 2000 vs 20000 images
     python benchmarks/pipeline.py --memory --memory-images 1000 --rounds 2
@@ -84,14 +68,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from pipeline import run as run_module
+from pipeline.cluster import IDLE_WORKER_KEEP_MS
 from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
 from pipeline.embed import FakeEmbedPatches
-from pipeline.run import run
+from pipeline.run import DECODE_BATCH_ROWS, run
 from pipeline.sample import make_sample
 from pipeline.sink import OutputSpec, to_table, write_parquet
-from pipeline.sources import ReadShards, list_shards, shards_to_items
+from pipeline.sources import ReadShards, list_shards
+from pipeline.units import make_units, tag_rows
 from vit.model import PRESETS
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,12 +131,13 @@ def fake_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def start_ray(num_cpus: int, ray_default_workers: bool = False) -> None:
-    """A local Ray as pipeline.run.ensure_ray starts it (quieter); Ray's default worker keeping if asked."""
+    """A local Ray as pipeline.cluster.ensure_ray starts it, quieter; Ray's default idle-worker killing
+    with `ray_default_workers`."""
     import logging
 
     import ray
 
-    keep_ms = 1000 if ray_default_workers else run_module.IDLE_WORKER_KEEP_MS
+    keep_ms = 1000 if ray_default_workers else IDLE_WORKER_KEEP_MS
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -172,15 +158,6 @@ def load_average() -> float:
 # Standalone stages
 
 
-def _columns(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    out = {}
-    for c in ("path", "rel", "kind", "size"):
-        col = np.empty(len(items), dtype=object)
-        col[:] = [it[c] for it in items]
-        out[c] = col
-    return out
-
-
 def _rebatch(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, np.ndarray]]:
     whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     n = len(whole["key"])
@@ -193,16 +170,14 @@ def standalone(
     """One-thread images/s of each stage run alone over the images under `src`, and their CPU seconds."""
     import pyarrow.fs as pafs
 
-    items = shards_to_items(list_shards(str(src)))
-    n = len(items)
-    per_task = run_module.files_per_unit(n, task_slots)  # one read+decode task's unit in the pipeline
-    groups = [_columns(items[i : i + per_task]) for i in range(0, n, per_task)]
+    units = make_units(list_shards(str(src)), task_slots)  # one read+decode task each in the pipeline
+    n = sum(len(u.shards) for u in units)
     seconds: dict[str, float] = {}
     cpu0 = time.thread_time()
 
     t = time.perf_counter()
-    reader = ReadShards(str(src))
-    read = [b for g in groups for b in reader(g)]
+    reader = ReadShards(str(src), rows_per_batch=DECODE_BATCH_ROWS)
+    read = [b for u in units for b in tag_rows(u, reader.batches(u.shards))]
     seconds["read"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -306,7 +281,7 @@ def _timed_run(args: argparse.Namespace, src: Path, out: Path) -> tuple[Any, Tre
 
 def efficiency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     num_cpus = args.num_cpus or os.cpu_count() or 1
-    actor_cpus = max(1, math.floor(num_cpus / 2))  # what pipeline/run.py gives one CPU actor
+    actor_cpus = max(1, math.floor(num_cpus / 2))  # what pipeline.cluster.actor_stage gives one CPU actor
     decode_slots = max(1, num_cpus - actor_cpus)
     cpus = {"read": decode_slots, "decode": decode_slots, "embed": 1, "write": 1}
     src = make_input(work, args.images, args.unique)
@@ -386,7 +361,7 @@ def efficiency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         f"{marginal_ratio['max']:.0%}"
     )
     if args.check_actors:
-        # Enough 256-row blocks that both actors get some (an actor takes up to 4 blocks in flight).
+        # Enough blocks of DECODE_BATCH_ROWS that both actors get some (an actor takes up to 4 in flight).
         result["actor_start"] = check_actor_start(args, make_input(work, 2048, args.unique), work, num_cpus)
         a = result["actor_start"]
         print(
