@@ -14,6 +14,7 @@ away): what was committed stays, and the same command does the rest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     p.add_argument(
         "--commit-interval",
+        dest="commit_interval_s",
         type=float,
         default=10.0,
         help="seconds between commits of finished units while the run goes on",
@@ -146,34 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    return JobConfig(
-        input=args.input,
-        output=args.output,
-        model=args.model,
-        weights=args.weights,
-        format=args.format,
-        image_column=args.image_column,
-        key_column=args.key_column,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        embedding_dtype=args.embedding_dtype,
-        logits_dtype=args.logits_dtype,
-        max_error_rate=args.max_error_rate,
-        dry_run=args.dry_run,
-        seed=args.seed,
-        class_names=args.class_names,
-        mean=args.mean,
-        std=args.std or args.mean,
-        max_pixels=args.max_pixels,
-        num_actors=args.num_actors,
-        actor_cpus=args.actor_cpus,
-        device=args.device,
-        compile=args.compile,
-        commit_interval_s=args.commit_interval,
-        decode=args.decode,
-        max_object_bytes=args.max_object_bytes,
-        retry_errors=args.retry_errors,
-    )
+    """The options are JobConfig's fields, under the same names."""
+    names = {f.name for f in dataclasses.fields(JobConfig)} & set(vars(args))
+    return JobConfig(**{name: getattr(args, name) for name in names} | {"std": args.std or args.mean})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,15 +87,9 @@ def project_version() -> str:
 
 
 def model_spec(config: JobConfig) -> ModelSpec:
-    return ModelSpec(
-        preset=config.model,
-        weights=config.weights,
-        image_size=config.image_size,
-        seed=config.seed,
-        class_names=config.class_names,
-        mean=config.mean,
-        std=config.std,
-    )
+    """The model part of the config; ModelSpec's other fields have JobConfig's names."""
+    names = {f.name for f in dataclasses.fields(ModelSpec)} - {"preset"}
+    return ModelSpec(preset=config.model, **{name: getattr(config, name) for name in names})
 
 
 def identity(config: JobConfig, loaded: LoadedModel, resize_size: int) -> dict[str, str]:

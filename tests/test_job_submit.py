@@ -1,103 +1,31 @@
-"""`ray job submit --working-dir .` against a real head with a dashboard, started and stopped by the test.
-
-Only the processes this test started are stopped (found by the unique temp dir in their command lines):
-`ray stop` would stop every Ray on the machine.
-"""
+"""`ray job submit --working-dir .` against a real head with a dashboard, started and stopped by the test."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 
 from pipeline.sample import make_sample
-from tests.conftest import free_port
+from tests.ray_head import BIN, RayHead, ray_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid → (parent pid, command line) for every process we can see."""
-    procs = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            procs[int(d.name)] = (ppid, cmd)
-    return procs
-
-
-def _our_pids(markers: tuple[str, ...]) -> set[int]:
-    """Processes whose command line names one of our markers, and all their descendants."""
-    procs = _processes()
-    ours = {pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in markers)} - {os.getpid()}
-    grew = True
-    while grew:
-        children = {pid for pid, (ppid, _) in procs.items() if ppid in ours} - ours - {os.getpid()}
-        ours |= children
-        grew = bool(children)
-    return ours
-
-
-def _stop(*markers: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _our_pids(markers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + 10
-        while _our_pids(markers) and time.time() < deadline:
-            time.sleep(0.2)
 
 
 @pytest.fixture()
-def ray_head():
-    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        "--include-dashboard=true",
-        "--num-cpus=2",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
-    try:
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        _stop(temp_dir, f":{gcs}")
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def ray_head_with_dashboard() -> Iterator[RayHead]:
+    with ray_head(dashboard=True) as head:
+        yield head
 
 
-def test_ray_job_submit_runs_the_job(tmp_path: Path, ray_head):
-    address, env = ray_head
+def test_ray_job_submit_runs_the_job(tmp_path: Path, ray_head_with_dashboard: RayHead):
+    address, env = ray_head_with_dashboard.dashboard_url, ray_head_with_dashboard.env
     src, out = tmp_path / "in", tmp_path / "out"
     make_sample(src, n=6)
     cmd = [

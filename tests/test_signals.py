@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,13 +21,11 @@ import pytest
 from jobs.embed import config_from_args, parse_args
 from pipeline.run import run
 from pipeline.sample import encode, photo_like
-from tests.conftest import free_port
-from tests.test_job_submit import _stop
+from tests.ray_head import RayHead, ray_head, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 SMALL = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "4"]
 JOB = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", "in", "--output", "out", *SMALL]
 RERUN = "units committed so far are kept; run the same command again to do the rest"
@@ -147,34 +143,21 @@ def test_a_second_signal_while_stopping_exits_at_once(tmp_path: Path, ray_local:
 
 
 @pytest.fixture()
-def ray_head() -> Iterator[tuple[str, str]]:
-    """A `ray start --head` on free ports, without a dashboard; yields (GCS address, its temp dir)."""
-    temp_dir = tempfile.mkdtemp(prefix="rsg", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ports = [free_port() for _ in range(8)]
-    options = ["port", "dashboard-port", "dashboard-agent-listen-port", "runtime-env-agent-port"]
-    options += ["metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port"]
-    cmd = [str(BIN / "ray"), "start", "--head", "--include-dashboard=false", "--num-cpus=2"]
-    cmd += [f"--{o}={p}" for o, p in zip(options, ports)]
-    cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    env = _env(PATH=f"{BIN}:{os.environ['PATH']}")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
-    try:
-        yield f"127.0.0.1:{ports[0]}", temp_dir
-    finally:
-        _stop(temp_dir, f":{ports[0]}")
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def head() -> Iterator[RayHead]:
+    with ray_head() as h:
+        yield h
 
 
-def test_losing_the_cluster_exits_3_with_a_sentence(tmp_path: Path, ray_head: tuple[str, str]):
+def test_losing_the_cluster_exits_3_with_a_sentence(tmp_path: Path, head: RayHead):
     """Without the job's watch, the driver waits on the dead cluster until Ray ends it with status 1
     (60 s by default). Ray's timeout is set to 15 s here, so the watch gives up after 5 s."""
-    address, temp_dir = ray_head
+    address, temp_dir = head.gcs_address, head.temp_dir
     _images(tmp_path / "in", 600)
     env = _env(RAY_ADDRESS=address, RAY_gcs_rpc_server_reconnect_timeout_s="15")
     proc = _start(tmp_path, env)
     _wait_for(proc, (tmp_path / "out" / "_runs").is_dir)
     start = time.monotonic()
-    _stop(temp_dir, f":{address.rsplit(':', 1)[1]}")  # the head's processes and their children only
+    stop(temp_dir, f":{address.rsplit(':', 1)[1]}")  # the head's processes and their children only
     _, err = _finish(proc, within_s=40)
     seconds = time.monotonic() - start
     assert proc.returncode == 3, err[-3000:]
