@@ -2,39 +2,16 @@
 
 `GpuDecoder(image_size, patch_size, device=...)(items)` turns a list of encoded images into the uint8 patches
 `[B, N, P·P·3]` (kh, kw, c) that `vit`'s `forward_patches` takes, already on `device`, plus one error string
-(or None) per item. It lives inside the GPU actor: no Ray here, and torch/torchvision are imported only when
-a decoder is built, so this module imports without them.
+(or None) per item; it never raises for a bad image. No Ray here; torch/torchvision are imported only when a
+decoder is built.
 
-What goes to the GPU: JPEGs whose header (read here, before any pixel is decoded) says baseline, extended
-or progressive Huffman coding, 8-bit, grey or 3-component YCbCr, EXIF orientation 1 or absent, at most
-`max_pixels` pixels, at most `MAX_JPEG_SCANS` scans, and an end-of-image marker after the first scan (so a
-truncated file is never half-decoded). They are decoded in one batched call,
-`torchvision.io.decode_jpeg(list_of_tensors, device=device, mode=ImageReadMode.RGB)` (split only when the
-decoded pixels would exceed `batch_pixels`), then resized exactly as torchvision's ViT preprocessing does:
-the shorter side to `resize_size` with `F.interpolate(mode="bilinear", antialias=True)` on float32 (images
-of equal size are resized together), rounded and clamped to uint8, centre-cropped with torchvision's
-`CenterCrop` arithmetic, and patchified on the device.
-
-Everything else — PNG, WebP, GIF, …, EXIF-rotated, CMYK/Adobe-RGB/12-bit/arithmetic-coded JPEGs, images over
-`max_pixels`, extreme aspect ratios, truncated files, and any image the batched decode or the resize rejects
-— goes through `pipeline.decode.to_patches` on the CPU (so its output and its error messages are exactly the
-CPU path's) and is copied to the device. When the batched decode raises, its images are retried one by one
-and each that still fails takes the CPU path: one bad file never fails a batch. A failure on the CPU path
-gives the error `"decode: <ExceptionClass>: <message>"` (as `pipeline.decode.DecodePatches` writes it) and
-zero patches.
-
-Faithfulness: this path decodes at full size and resizes in float32, where the CPU path decodes large JPEGs
-at a 1/2ᵏ DCT scale and resizes with torch's uint8 kernel. With torchvision's CPU decoder (libjpeg-turbo)
-the two agreed to 44–57 dB PSNR on photo-like JPEGs from 123×457 to 3000×300 (the tests assert ≥ 35 dB);
-nvJPEG's chroma upsampling and IDCT are not libjpeg's, so on CUDA the figure is expected lower (not yet
-measured).
-Files that are corrupt inside their entropy-coded data but still carry an end-of-image marker are decoded as
-the decoder on `device` sees fit (nvJPEG's tolerance is not libjpeg's).
-
-On CUDA, the CPU-path images are decoded after the device work is queued, so they overlap it. CUDA's
-antialiased interpolate refuses downscale factors beyond ~94× ("Too much shared memory required": a shorter
-side over ~24,000 px for a 256 target, i.e. more pixels than the default `max_pixels` allows); such images,
-like any whose resize raises (e.g. out of device memory), take the CPU path.
+JPEGs that `jpeg_gpu_size` accepts from their header (common 8-bit YCbCr or grey frames, no EXIF rotation,
+within `max_pixels` and `MAX_JPEG_SCANS`, with an end-of-image marker) are decoded in one batched
+`torchvision.io.decode_jpeg` call (split past `batch_pixels`), resized as torchvision's ViT preprocessing
+does (float32, antialiased bilinear), centre-cropped and patchified on the device; when that call raises,
+its images are retried one by one. Everything else, and any image the device decode or resize rejects, goes
+through `pipeline.decode.to_patches` on the CPU, so its output and error messages are the CPU path's. The
+two paths agree closely, not bit-exactly; data corrupt inside a scan decodes as the device's decoder sees fit.
 """
 
 from __future__ import annotations
@@ -46,30 +23,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.decode import (
-    DEFAULT_MAX_PIXELS,
-    MAX_JPEG_SCANS,
-    DecodeError,
-    as_bytes,
-    check_sizes,
-    jpeg_header,
-    to_patches,
-)
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, as_bytes, check_sizes, to_patches
+from pipeline.jpeg import MAX_JPEG_SCANS, is_jpeg, jpeg_header, too_many_scans
+from vit.preprocess import crop_offsets, patchify, resized_size
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_BATCH_PIXELS", "MAX_JPEG_SCANS", "GpuDecoder", "is_jpeg", "jpeg_gpu_size"]
+__all__ = [
+    "DEFAULT_BATCH_PIXELS",
+    "MAX_JPEG_SCANS",
+    "GpuDecoder",
+    "is_jpeg",
+    "jpeg_gpu_size",
+]
 
 DEFAULT_BATCH_PIXELS = 256 * 2**20  # decoded pixels per batched decode call (768 MiB of uint8 RGB)
 _RESIZE_PIXELS = 32 * 2**20  # input pixels per float32 resize call (384 MiB of float32 RGB)
 _MAX_CROP_AREA = 16  # resized image larger than this many crops (aspect ratio beyond ~12:1): CPU path
 _NO_BYTES = "cannot decode image: the row has no image bytes"
-
-
-def is_jpeg(data: bytes) -> bool:
-    """True when the bytes start with a JPEG start-of-image marker followed by another marker (FF D8 FF)."""
-    return bytes(data[:3]) == b"\xff\xd8\xff"
 
 
 def jpeg_gpu_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | str:
@@ -95,7 +67,7 @@ def jpeg_gpu_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
         return "exif orientation"
     if w * h > max_pixels:
         return "max pixels"  # the CPU path refuses it from the header, with its own message
-    if hdr.progressive and bytes(data).count(b"\xff\xda") > MAX_JPEG_SCANS:
+    if too_many_scans(data, hdr):
         return "too many scans"
     # 0xFF in entropy-coded data is always stuffed (FF 00) or a restart marker (FF D0..D7): an FF D9 after
     # the first scan is an end-of-image marker. Without one the file is truncated (or lacks only its EOI,
@@ -172,7 +144,7 @@ class GpuDecoder:
                 self._fallback(cpu, i, size)
                 continue
             w, h = size
-            nw, nh = self._resized_size(w, h)
+            nw, nh = resized_size(w, h, self.resize_size)
             if nw * nh > _MAX_CROP_AREA * s * s:
                 self._fallback(cpu, i, "aspect ratio")
                 continue
@@ -190,7 +162,7 @@ class GpuDecoder:
         if chunk:
             self._decode_chunk(chunk, data, out, cpu)
 
-        # CPU path: pipeline.decode, then one host → device copy.
+        # CPU path: pipeline.decode (on CUDA it overlaps the queued device work), then one host → device copy.
         done: list[int] = []
         host = np.zeros((len(cpu), self.grid**2, p * p * 3), dtype=np.uint8)
         for i in sorted(cpu):
@@ -220,11 +192,6 @@ class GpuDecoder:
     def _fallback(self, cpu: list[int], i: int, reason: str) -> None:
         cpu.append(i)
         self.fallback_reasons[reason] += 1
-
-    def _resized_size(self, w: int, h: int) -> tuple[int, int]:
-        """torchvision's `Resize(resize_size)` output (width, height) for a (w, h) image."""
-        r = self.resize_size
-        return (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
 
     def _decode_chunk(
         self, chunk: list[tuple[int, int, int]], data: list[bytes | None], out: torch.Tensor, cpu: list[int]
@@ -267,7 +234,9 @@ class GpuDecoder:
                 index = [i for i, _ in part]
                 try:
                     out[index] = self._resize_crop_patchify(torch.stack([img for _, img in part]), w, h)
-                except Exception:  # e.g. out of device memory for a huge image: the CPU path takes it
+                except (
+                    Exception
+                ):  # out of device memory, a downscale CUDA's antialias refuses (~94×): CPU path
                     for i in index:
                         self._fallback(cpu, i, "device resize failed")
 
@@ -277,19 +246,10 @@ class GpuDecoder:
         import torch.nn.functional as F
 
         s = self.image_size
-        nw, nh = self._resized_size(w, h)
-        left, top = round((nw - s) / 2.0), round((nh - s) / 2.0)  # torchvision's CenterCrop offsets
+        nw, nh = resized_size(w, h, self.resize_size)
+        left, top = crop_offsets(nw, nh, s)
         x = imgs.float()
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         x = x[:, :, top : top + s, left : left + s].round_().clamp_(0, 255).to(torch.uint8)
-        return patchify(x, self.patch_size)
-
-
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, 3, S, S) images → (B, (S/P)², P·P·3) patches laid out (kh, kw, c), as `pipeline.decode`."""
-    b, c, s, _ = imgs.shape
-    g = s // patch_size
-    x = imgs.permute(0, 2, 3, 1)  # (B, S, S, 3)
-    x = x.reshape(b, g, patch_size, g, patch_size, c).permute(0, 1, 3, 2, 4, 5)  # (B, gh, gw, P, P, 3)
-    return x.reshape(b, g * g, patch_size * patch_size * c)
+        return patchify(x.permute(0, 2, 3, 1), self.patch_size)  # (B, S, S, 3) → (B, N, P·P·3)

@@ -19,8 +19,10 @@ from PIL import Image, ImageOps
 
 from pipeline import decode
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, DecodePatches, to_patches
+from pipeline.jpeg import jpeg_header
 from pipeline.sample import natural_array as natural_like
 from pipeline.sample import photo_array as photo_like
+from vit.preprocess import crop_offsets, resized_size
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -100,7 +102,7 @@ def test_jpeg_fast_path_matches_torchvision(size: tuple[int, int]) -> None:
 # (size, PSNR floor); comments: the shrink left after the DCT scaling. Plain bilinear below 1.55 (where it
 # stays ≥ 30 dB on such detail; 526×395 is the worst case), [1, 2, 1] blur + bilinear from 1.55, upsampling
 # below 1. At 1366×1024 the 1/4 DCT scale leaves nothing to resample: its sharper-than-bilinear filter
-# alone sets the PSNR (~29.5 dB; the former torch resize after it gave ~31 dB).
+# alone sets the PSNR (~29.5 dB).
 @pytest.mark.parametrize(
     ("size", "floor"),
     [
@@ -138,8 +140,8 @@ def test_windowed_resample_equals_whole_image_resample_then_crop(size: tuple[int
     factor = 2 if min(size) >= 512 else 1
     arr = np.ascontiguousarray(photo_like(w, h)[::factor, ::factor])
     got = decode._resize_crop_array(arr, w, h, factor, 224, 256)
-    nw, nh = decode._resized_size(w, h, 256)
-    left, top = decode._crop_offsets(nw, nh, 224)
+    nw, nh = resized_size(w, h, 256)
+    left, top = crop_offsets(nw, nh, 224)
     sx, sy = w / nw / factor, h / nh / factor
     src = arr
     if max(sx, sy) >= decode._BLUR_FROM:
@@ -240,15 +242,15 @@ def test_exif_rotate_90_clockwise_moves_top_left_to_top_right() -> None:
 
 def test_jpeg_header_reads_the_frame_and_says_why_not() -> None:
     data = encode(photo_like(120, 80), "JPEG", quality=90, progressive=True)
-    hdr = decode.jpeg_header(data)
+    hdr = jpeg_header(data)
     assert not isinstance(hdr, str)
     assert (hdr.width, hdr.height, hdr.components, hdr.precision, hdr.orientation) == (120, 80, 3, 8, 1)
     assert hdr.progressive and hdr.frame == 0xC2 and data[hdr.sos : hdr.sos + 2] == b"\xff\xda"
     rotated, _ = _with_orientation("JPEG", 6)
-    assert decode.jpeg_header(rotated).orientation == 6  # type: ignore[union-attr]
-    assert decode.jpeg_header(data[: hdr.sos - 5]) == "truncated header"
-    assert decode.jpeg_header(b"\xff\xd8\xff\xd9\x00\x00") == "no scan"
-    assert decode.jpeg_header(b"\xff\xd8\x00\x00\x00\x00") == "malformed header"
+    assert jpeg_header(rotated).orientation == 6  # type: ignore[union-attr]
+    assert jpeg_header(data[: hdr.sos - 5]) == "truncated header"
+    assert jpeg_header(b"\xff\xd8\xff\xd9\x00\x00") == "no scan"
+    assert jpeg_header(b"\xff\xd8\x00\x00\x00\x00") == "malformed header"
 
 
 def test_cmyk_jpeg_colour() -> None:

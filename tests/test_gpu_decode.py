@@ -19,8 +19,9 @@ torch = pytest.importorskip("torch")
 tvio = pytest.importorskip("torchvision.io")
 
 from pipeline.decode import DecodeError, DecodePatches, to_patches  # noqa: E402
-from pipeline.gpu_decode import GpuDecoder, is_jpeg, jpeg_gpu_size, patchify  # noqa: E402
+from pipeline.gpu_decode import GpuDecoder, is_jpeg, jpeg_gpu_size  # noqa: E402
 from pipeline.sample import encode, photo_like  # noqa: E402
+from vit.preprocess import patchify  # noqa: E402
 
 S, P = 224, 16
 G = S // P
@@ -239,7 +240,7 @@ def test_batch_pixels_splits_decode_calls(calls: list[int]) -> None:
 
 def test_patchify_layout() -> None:
     imgs = torch.randint(0, 256, (2, 3, S, S), dtype=torch.uint8)
-    got = patchify(imgs, P).numpy()
+    got = patchify(imgs.permute(0, 2, 3, 1), P).numpy()  # as the GPU path patchifies its (B, 3, S, S)
     for b in range(2):
         hwc = imgs[b].permute(1, 2, 0).numpy()
         ref = hwc.reshape(G, P, G, P, 3).transpose(0, 2, 1, 3, 4).reshape(G * G, P * P * 3)

@@ -1,4 +1,5 @@
-"""vit/checkpoints.py: rename tables, count checks, safe loading, presets vs checkpoints, identity, S3."""
+"""vit/convert.py, vit/checkpoints.py: rename tables, count checks, safe loading, presets vs checkpoints,
+identity, S3."""
 
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vit.checkpoints import (
-    CheckpointError,
+from vit.checkpoints import CheckpointError, load_model
+from vit.convert import (
     check_state_dict,
     convert_state_dict,
     detect_format,
     infer_config,
-    load_model,
     resample_pos_embedding,
     strip_prefixes,
 )

@@ -1,4 +1,5 @@
-"""vit/model.py: torchvision's names and shapes, the uint8-patch path, helpers, and no Ray under vit/."""
+"""vit/model.py and vit/preprocess.py: torchvision's names and shapes, the uint8-patch path, helpers, no Ray
+under vit/."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from vit.model import (
     autocast,
     build_model,
     compile_model,
-    patchify,
 )
+from vit.preprocess import patchify
 
 VIT_DIR = pathlib.Path(__file__).resolve().parents[1] / "vit"
 TORCHVISION_BUILDERS = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"]

@@ -2,13 +2,13 @@
 
 Parameter names are torchvision's own (`conv_proj`, `class_token`, `encoder.pos_embedding`,
 `encoder.layers.encoder_layer_{i}.…`, `encoder.ln`, `heads.…`), so a torchvision state dict loads with
-`strict=True` and no converter. Two entry points, both returning
-`(cls_embedding [B, D], logits [B, C] | None)`:
+`strict=True` and no converter (old `linear_1`/`linear_2` MLP names included). Two entry points, both
+returning `(cls_embedding [B, D], logits [B, C] | None)`:
 
     forward(images)            float [B, 3, H, W], already normalized as torchvision's transforms do
-    forward_patches(patches)   uint8 [B, N, P·P·3] in (kh, kw, c) order; (x/255 − mean)/std is folded into
-                               the patch projection, so the accelerator receives uint8 and one matmul
-                               normalizes and projects.
+    forward_patches(patches)   uint8 [B, N, P·P·3] as `vit.preprocess.patchify` lays them out (kh, kw, c);
+                               (x/255 − mean)/std is folded into the patch projection, so the
+                               accelerator receives uint8 and one matmul normalizes and projects.
 
 The CLS embedding is token 0 after the final LayerNorm, before any head.
 """
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LEGACY_MLP_NAMES = {"linear_1": "0", "linear_2": "3"}  # MLP's Linears in torchvision < 0.13 checkpoints
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,14 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """Linear → GELU → Linear, named `0` and `3` like torchvision's MLP (slot 2 was its dropout)."""
+    """Linear → GELU → Linear, named `0` and `3` like torchvision's MLP (whose slot 2 is a dropout)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Identity(), nn.Linear(hidden, dim))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        # Checkpoints from torchvision < 0.13 name the two Linears `linear_1` / `linear_2`.
-        for old, new in (("linear_1", "0"), ("linear_2", "3")):
+        # So that `load_state_dict` takes old torchvision state dicts as they are.
+        for old, new in LEGACY_MLP_NAMES.items():
             for kind in ("weight", "bias"):
                 if f"{prefix}{old}.{kind}" in state_dict:
                     state_dict[f"{prefix}{new}.{kind}"] = state_dict.pop(f"{prefix}{old}.{kind}")
@@ -226,14 +227,6 @@ class VisionTransformer(nn.Module):
         cls = self.encoder(x)[:, 0]  # (B, D), after the final LayerNorm
         logits = self.heads(cls) if self.config.num_classes > 0 else None  # (B, C)
         return cls, logits
-
-
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """forward_patches' layout: uint8 (B, H, W, 3) → (B, N, P·P·3), patches row-major, (kh, kw, c)."""
-    B, H, W, C = images.shape
-    P = patch_size
-    x = images.reshape(B, H // P, P, W // P, P, C).permute(0, 1, 3, 2, 4, 5)  # (B, gh, gw, P, P, C)
-    return x.reshape(B, (H // P) * (W // P), P * P * C)
 
 
 def build_model(
