@@ -1,4 +1,4 @@
-"""CPU stage benchmark (issue #5, target 1): `pipeline.decode.to_patches` vs torchvision-style PIL.
+"""CPU decode stage benchmark: `pipeline.decode.to_patches` vs torchvision-style PIL preprocessing.
 
 Baseline, per image: `Image.open(...).convert("RGB")` → `Resize(256, bilinear, antialias=True)` →
 `CenterCrop(224)` → numpy. Ours: `to_patches(data)` (decode + resize + crop + patchify). Both run in this
@@ -8,7 +8,7 @@ round, medians reported. PSNR is ours (patches put back into an image) against t
 the timed photo-like images and, untimed, on natural-like ones (a 1/f spectrum: detail at every scale,
 which shows aliasing that the smooth photo-like images hide).
 
-    python benchmarks/decode.py                  # 500×375 and 1024×768, the issue's sizes
+    python benchmarks/decode.py                  # 500×375 and 1024×768
     python benchmarks/decode.py --sizes 2048x1536 --rounds 3 --json
 """
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.decode import to_patches
 from pipeline.sample import natural_array as natural_like
 from pipeline.sample import photo_array as photo_like
+from vit.preprocess import crop_offsets, resized_size
 
 
 def jpeg(a: np.ndarray, quality: int = 90) -> bytes:
@@ -52,12 +53,9 @@ def make_baseline(image_size: int = 224, resize_size: int = 256):
         print("torchvision not installed: baseline uses the equivalent PIL calls", file=sys.stderr)
 
         def tf(im: Image.Image) -> Image.Image:
-            w, h = im.size
-            nw, nh = (
-                (resize_size, int(resize_size * h / w)) if w <= h else (int(resize_size * w / h), resize_size)
-            )
+            nw, nh = resized_size(*im.size, resize_size)
             im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-            left, top = round((nw - image_size) / 2), round((nh - image_size) / 2)
+            left, top = crop_offsets(nw, nh, image_size)
             return im.crop((left, top, left + image_size, top + image_size))
 
     def baseline(data: bytes) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""The model stage as the pipeline runs it (issue #5 target 2, in the pipeline): `EmbedPatches.__call__` on
-numpy batches (uint8 patches in; float embedding and logits out, with the bookkeeping columns), against the
-model's forward alone on a batch already on the device, in the same process.
+"""The model stage as the pipeline runs it: `EmbedPatches.__call__` on numpy batches (uint8 patches in;
+float embedding and logits out, with the bookkeeping columns), against the model's forward alone on a batch
+already on the device, in the same process.
 
 The gap between the two is the actor's own cost per batch: the host→device copy (pinned, non-blocking),
 the device→host copy of the outputs and the numpy work around them. Ray Data's batching (Arrow → numpy) is
@@ -17,9 +17,7 @@ forward alone.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from model import sync  # benchmarks/model.py, beside this script
+from model import device_name, timed, write_json  # benchmarks/model.py, beside this script
 
 from pipeline.embed import EmbedPatches, ModelSpec
 from vit.model import PRESETS, autocast
@@ -44,20 +42,6 @@ def batch_of(n: int, num_patches: int, patch_dim: int, rng: np.random.Generator)
         "decode_s": np.zeros(n),
         "patches": rng.integers(0, 256, (n, num_patches, patch_dim), dtype=np.uint8),
     }
-
-
-def timed(fn, iters: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per call."""
-    times = []
-    for i in range(warmup + iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = actor.model.forward_patches(on_device)[0].float().cpu().numpy()
     rows = actor(batches[0])["embedding"].astype(np.float32)
     worst = float(np.abs(rows - reference).max())
-    cpu_name = f"CPU ({torch.get_num_threads()} threads)"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
+    name = device_name(device)
     result = {
         "preset": args.preset,
         "device": name,
@@ -128,8 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{result['pieces_over_one_piece']:.2f}× that); embedding vs the forward alone: "
         f"max |diff| {worst:.2g} ({args.dtype} output)"
     )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -1,13 +1,12 @@
-"""`--decode gpu` (issue #5, "beyond the peers"): batched JPEG decode + resize + crop + patchify on the
-model's device with `pipeline.gpu_decode.GpuDecoder`, against the CPU path (`pipeline.decode.to_patches`) in
-the same process.
+"""`--decode gpu`: batched JPEG decode + resize + crop + patchify on the model's device with
+`pipeline.gpu_decode.GpuDecoder`, against the CPU path (`pipeline.decode.to_patches`) in the same process.
 
 For each size: `--distinct` photo-like JPEGs (quality 90) tiled to `--images`, decoded in batches of
 `--batch-size` on `--device` (cuda when available); images/s over `--rounds` rounds (median, with
 `torch.cuda.synchronize` around each round), the CPU path's single-thread images/s on the same images, and
 the PSNR of the device output against the CPU path's (worst image; the CPU path is itself ≥ 30 dB from
 torchvision's preprocessing, see benchmarks/decode.py). On a machine without a GPU it runs torchvision's CPU
-decoder through the same code (a smoke test of the script, not a figure for the issue).
+decoder through the same code (a smoke test of the script, not a GPU figure).
 
     python benchmarks/gpu_decode.py                              # 500x375 and 1024x768, 2048 images each
     python benchmarks/gpu_decode.py --images 256 --rounds 1      # quick

@@ -15,6 +15,7 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +50,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def timed(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call of `fn` over `iters` calls, after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def write_json(path: Path | None, results: object) -> None:
+    """Writes `results` to `path` as indented JSON, when a path is given (--json)."""
+    if path is not None:
+        path.write_text(json.dumps(results, indent=2))
+
+
 def run_variant(
     model: VisionTransformer, patches: torch.Tensor, args: argparse.Namespace, dtype: str, compiled: bool
 ) -> tuple[float, torch.Tensor]:
@@ -57,20 +84,17 @@ def run_variant(
     if compiled:
         model = compile_model(copy.deepcopy(model), mode=args.compile_mode)
     host = patches.cpu().pin_memory() if args.transfer and device.type == "cuda" else None
-    times = []
+    first: list[torch.Tensor] = []
+
+    def step() -> None:
+        x = host.to(device, non_blocking=True) if host is not None else patches
+        cls, _ = model.forward_patches(x)
+        if not first:
+            first.append(cls.float().cpu())
+
     with torch.inference_mode(), autocast(device, dtype):
-        for i in range(args.warmup + args.iters):
-            sync(device)
-            start = time.perf_counter()
-            x = host.to(device, non_blocking=True) if host is not None else patches
-            cls, _ = model.forward_patches(x)
-            sync(device)
-            if i == 0:
-                first = cls.float().cpu()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2], first
+        seconds = timed(step, args.iters, args.warmup, device)
+    return seconds, first[0]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -80,11 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = model.config
     gmac = cfg.gmacs()
     ceiling = args.peak_tflops * 1e12 / (2 * gmac * 1e9)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    name = device_name(device)
     print(f"torch {torch.__version__} on {name}")
     print(
         f"{args.preset} @ {cfg.image_size}px: {cfg.num_patches} patches, {gmac:.2f} GMAC/img; "
@@ -128,8 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{row['fraction_of_ceiling']:>12.2%}"
             f"{row['speedup']:>8.2f}×{row['max_abs_cls_diff']:>11.2e}"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return results
 
 
