@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline import decode
+from pipeline import decode, resample
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, DecodePatches, to_patches
 from pipeline.jpeg import jpeg_header
 from pipeline.sample import natural_array as natural_like
@@ -127,7 +127,7 @@ def test_jpeg_fast_path_faithful_on_natural_detail(size: tuple[int, int], floor:
     ("start", "s", "off"), [(58, 1.4663, 0.0), (16, 1.5, 0.0), (43, 0.37, 0.0), (58, 1.5015, 0.5)]
 )
 def test_resampling_window_lands_on_a_whole_pixel(start: int, s: float, off: float) -> None:
-    first, end, m = decode._window(start, s, off, 224, 10_000)
+    first, end, m = resample._window(start, s, off, 224, 10_000)
     assert 0 <= m <= start and end - first >= (m + 224) * s
     assert abs(first - ((start - m) * s + off)) / s <= 0.05  # in output pixels
 
@@ -139,12 +139,12 @@ def test_windowed_resample_equals_whole_image_resample_then_crop(size: tuple[int
     w, h = size
     factor = 2 if min(size) >= 512 else 1
     arr = np.ascontiguousarray(photo_like(w, h)[::factor, ::factor])
-    got = decode._resize_crop_array(arr, w, h, factor, 224, 256)
+    got = resample.resize_crop_array(arr, w, h, factor, 224, 256)
     nw, nh = resized_size(w, h, 256)
     left, top = crop_offsets(nw, nh, 224)
     sx, sy = w / nw / factor, h / nh / factor
     src = arr
-    if max(sx, sy) >= decode._BLUR_FROM:
+    if max(sx, sy) >= resample._BLUR_FROM:
         src = cv2.GaussianBlur(arr, (3, 3), 0, borderType=cv2.BORDER_REPLICATE)
     whole = cv2.resize(src, (nw, nh), interpolation=cv2.INTER_LINEAR)[top : top + 224, left : left + 224]
     assert got.shape == (224, 224, 3)
