@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-# Ray: no token auth file outside the project, no usage stats (../shared/DESIGN.md).
+# Ray: no token auth file outside the project, no usage stats.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
