@@ -49,6 +49,30 @@ def _triple(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
 
 
+def version_text() -> str:
+    """The project's version and the torch, CUDA and Ray it runs with (imports the project, torch and Ray)."""
+    import ray
+    import torch
+
+    from pipeline.plan import project_version
+
+    if torch.version.cuda is None:
+        cuda = "none (a CPU build of torch)"
+    else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cuda = f"{torch.version.cuda}, {gpus} GPU(s) visible"
+    return f"vit-embed {project_version()}\ntorch {torch.__version__}\nCUDA {cuda}\nray {ray.__version__}"
+
+
+class _PrintVersions(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="jobs/embed.py",
@@ -133,6 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"into {DEMO_OUTPUT} with vit_ti_16 and random weights",
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--version",
+        action=_PrintVersions,
+        help="print the project's version and the torch, CUDA and Ray versions it runs with, and exit",
+    )
     args = p.parse_args(argv)
     if args.demo:
         args.input = args.input or DEMO_INPUT
