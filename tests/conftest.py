@@ -1,12 +1,17 @@
-"""Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1) and a real local Ray.
+"""Shared fixtures: a real S3 endpoint and a real local Ray.
 
-Both are started once per test session and torn down at the end; nothing outside the test's own
-processes is touched.
+The S3 endpoint is moto's server on 127.0.0.1, started once per test session, or the endpoint named by
+VIT_EMBED_TEST_S3_ENDPOINT (a MinIO, e.g. infra/minio-compose.yaml's) with the credentials in
+VIT_EMBED_TEST_S3_ACCESS_KEY_ID / VIT_EMBED_TEST_S3_SECRET_ACCESS_KEY and VIT_EMBED_TEST_S3_REGION
+(default us-east-1). On a real endpoint each test's bucket is deleted after the test, and the buckets a
+test made itself (named t-<12 hex digits>) at the end of the session. Local Ray is started on first use
+and shut down at the end.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterator
 
@@ -17,12 +22,31 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-TEST_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-key-id",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-log",
-    "AWS_REGION": "us-east-1",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+S3_ENDPOINT = os.environ.get("VIT_EMBED_TEST_S3_ENDPOINT", "")  # empty: moto's server
+if S3_ENDPOINT:
+    _missing = [
+        f"VIT_EMBED_TEST_S3_{k}"
+        for k in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY")
+        if not os.environ.get(f"VIT_EMBED_TEST_S3_{k}")
+    ]
+    if _missing:
+        raise pytest.UsageError(f"VIT_EMBED_TEST_S3_ENDPOINT is set: set {' and '.join(_missing)} too")
+    _region = os.environ.get("VIT_EMBED_TEST_S3_REGION") or "us-east-1"
+    TEST_AWS_ENV = {
+        "AWS_ACCESS_KEY_ID": os.environ["VIT_EMBED_TEST_S3_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": os.environ["VIT_EMBED_TEST_S3_SECRET_ACCESS_KEY"],
+        "AWS_REGION": _region,
+        "AWS_DEFAULT_REGION": _region,
+    }
+else:
+    TEST_AWS_ENV = {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-log",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+# Buckets the tests create: s3_bucket's, and those a test makes itself with the same pattern.
+TEST_BUCKET = re.compile(r"t-[0-9a-f]{12}")
 
 
 def free_port() -> int:
@@ -31,25 +55,64 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def create_bucket(s3, name: str) -> None:
+    region = TEST_AWS_ENV["AWS_REGION"]
+    if region == "us-east-1":
+        s3.create_bucket(Bucket=name)
+    else:
+        s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})
+
+
+def delete_bucket(s3, name: str) -> None:
+    """Removes a bucket with everything in it (objects and unfinished multipart uploads)."""
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=name):
+        for upload in page.get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+    s3.delete_bucket(Bucket=name)
+
+
+def _test_buckets(s3) -> set[str]:
+    return {b["Name"] for b in s3.list_buckets()["Buckets"] if TEST_BUCKET.fullmatch(b["Name"])}
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """Starts moto's S3 server on a free loopback port and points the AWS environment at it.
+    """A real S3 endpoint, with the AWS environment pointed at it; yields the endpoint URL.
 
-    Yields the endpoint URL. Tests create their own buckets (use unique names).
+    moto's server on a free loopback port, or VIT_EMBED_TEST_S3_ENDPOINT when set. Tests create their own
+    buckets (use s3_bucket, or unique names matching TEST_BUCKET).
     """
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in [*TEST_AWS_ENV, "AWS_ENDPOINT_URL"]}
+    server = None
+    if S3_ENDPOINT:
+        endpoint = S3_ENDPOINT
+    else:
+        from moto.server import ThreadedMotoServer
+
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(TEST_AWS_ENV)
     os.environ["AWS_ENDPOINT_URL"] = endpoint
+    before: set[str] = set()
+    if S3_ENDPOINT:
+        import boto3
+
+        before = _test_buckets(boto3.client("s3", endpoint_url=endpoint))
     try:
         yield endpoint
     finally:
-        server.stop()
+        if S3_ENDPOINT:
+            s3 = boto3.client("s3", endpoint_url=endpoint)
+            for name in sorted(_test_buckets(s3) - before):
+                delete_bucket(s3, name)
+        if server is not None:
+            server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -58,15 +121,19 @@ def s3_server() -> Iterator[str]:
 
 
 @pytest.fixture()
-def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
-    """A fresh, empty bucket for one test; returns its name."""
+def s3_bucket(s3_server: str) -> Iterator[str]:
+    """A fresh, empty bucket for one test, uniquely named; yields its name. On a real endpoint
+    (VIT_EMBED_TEST_S3_ENDPOINT) it is deleted with its contents after the test."""
     import uuid
 
     import boto3
 
     name = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return name
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    create_bucket(s3, name)
+    yield name
+    if S3_ENDPOINT:
+        delete_bucket(s3, name)
 
 
 @pytest.fixture()
