@@ -1,0 +1,765 @@
+"""Planning at scale: how today's planner grows with the objects under ``--input`` and the keys already
+committed in ``--output``. The figures are the baseline a future planner is compared against in this
+script: each planner is a *variant* (``--planner``; ``current`` is ``pipeline.plan.plan`` as it is), and
+the table has one row per (variant, size, case).
+
+Local planning, per size N (``--sizes``, default 100k and 1M; 5M and more take minutes and GBs of
+inodes, so they are opt-in):
+
+- **input**: N empty files ``dNNNNNN/NNNNNNNNN.jpg``, ``--per-dir`` (1,000) per directory, under a fresh
+  temporary directory. Empty rather than 1-byte: planning never opens an input file (it lists names and
+  sizes), and on ext4 a 1-byte file takes a 4 KiB block, 4 GB per million, where an empty one takes only
+  its inode. Each planning child counts the Python-level ``open`` audit events under the input root
+  (``opened`` in the JSON; 0 means no file was opened).
+- **plan**: ``plan(JobConfig(input, output, model="vit_ti_16", weights="random", image_size=32))``
+  without a lease, what ``python jobs/embed.py --dry-run`` runs, into an empty output.
+- **rerun +1 %**: the output first commits all N objects, as a real run's ledger would (below); then N/100
+  new files are added to the input (new directories, like a new day's data) and ``plan()`` runs again:
+  it lists N × 1.01 objects, skips N and leaves N/100 to do.
+
+Every planning runs in a fresh child process, so its peak RSS is that of one planning: wall seconds,
+objects listed per second, the child's peak RSS (``VmHWM``), and the peak above a *baseline* child that
+imports the same modules and plans a 1-file input into an empty output, divided by the objects listed:
+the driver's bytes per object. The current variant also reports its phases: loading the model (weights
+validation, fixed), ``list_shards``, ``Ledger.read``, and the rest (filtering the listing against the
+ledger), with the RSS after listing and after the ledger. The directory tree was just written, so the
+kernel's dentry and inode caches are warm: a cold listing (another machine, a tree not touched for
+hours) is slower; this script never drops the caches of the shared machine.
+
+The committed output is built with the project's own classes, in the order a run writes them: the run's
+``plan()`` (its identity is what ``run.json`` records and what a later run checks), units from
+``pipeline.units.make_units(shards, --task-slots)`` (loose files in units of 256–4,096, as the job makes
+them), ``RunLedger.start``, one ``record_commit`` per ``--units-per-commit`` units (one commit interval's
+worth) with a ``UnitRecord`` per unit (``file`` = ``ParquetSink.final_name``, ``staged`` under the run's
+``_staging/``, ``(1, 0)`` rows and errors per shard), the data files in place, and ``RunLedger.finish``.
+``Ledger.read`` opens only the ``_runs/`` JSON documents; of the data files it lists the base names at the
+output's top level (a recorded file not there is "lost" and redone), so each data file is an empty file
+with the name a run gives it. ``--validate N`` checks that the synthetic output is indistinguishable for
+``plan()`` from a real one: it runs the real job (``jobs/embed.py``, local Ray, ``vit_ti_16``, random
+weights, 32 px) on N real tiny JPEGs, builds the synthetic output for the same input, adds 1 % new JPEGs,
+and compares the two ledgers (shards done with their counts, files, the grouping of shards into units)
+and the two ``plan()`` results (shards to do, ``skipped_shards``, ``skipped_rows``).
+
+S3 listing (``--s3-objects``, default 20,000; 0 skips it): moto's server in a child process, the objects
+put straight into its in-memory backend (over HTTP, moto takes ~110 PUTs/s on 2 vCPUs, half an hour for
+200k), over 16 prefixes. Timed, each in a fresh child: today's ``pipeline.sources.list_shards("s3://…")``
+(one sequential recursive listing through pyarrow) and, as the reference for a parallel lister, boto3
+``list_objects_v2`` paginators over the 16 prefixes in 8 threads. moto's listing costs O(objects in the
+bucket) per 1,000-key page and runs in one Python process, so against moto both figures measure moto
+more than the listers (and the parallel one cannot gain on 2 vCPUs); the harness is what carries over:
+point ``--s3-endpoint`` at a real bucket's endpoint (with its credentials in the environment) for figures
+that mean something about S3.
+
+Not measured yet: seconds from the job's start to its first decoded row (needs a cluster run); and a
+cold-cache listing.
+
+    python benchmarks/scale.py                          # 100k and 1M local, 20k on moto: ~5 min, 2 vCPUs
+    python benchmarks/scale.py --sizes 100k --s3-objects 0 --json
+    python benchmarks/scale.py --sizes 100k,1M,5M       # 5M: ~5M inodes, ~3 GB per planning child
+    python benchmarks/scale.py --validate 2000 --sizes 10k --s3-objects 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+
+MODEL = {"model": "vit_ti_16", "weights": "random", "image_size": 32}  # cheap to load; planning is the same
+S3_PREFIXES = 16
+S3_THREADS = 8
+S3_BUCKET = "scale-bench"
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Child-side helpers: each measurement runs in a fresh `scale.py --child '<json>'` process.
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's VmRSS (now) or VmHWM (peak), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def count_opens_under(root: str) -> Callable[[], int]:
+    """Counts Python-level `open` audit events (builtins.open, os.open, io.open) of paths under `root`."""
+    prefix, hits = os.path.realpath(root) + os.sep, [0]
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(args[0])
+            if os.path.realpath(path).startswith(prefix):
+                hits[0] += 1
+
+    sys.addaudithook(hook)
+    return lambda: hits[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Variants. A variant plans (in a child) and builds an output that commits every object of an input (in a
+# child), in its own ledger format. A future planner registers its own Variant in VARIANTS.
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    plan: Callable[[str, str], dict[str, Any]]  # (input, output) → listed, todo, skipped, phases, …
+    commit_all: Callable[[str, str, float, int], dict[str, Any]]  # (input, output, task_slots, per commit)
+    list_uri: Callable[[str], int]  # objects listed under a URI (the S3 figure)
+
+
+def current_plan(input: str, output: str) -> dict[str, Any]:
+    """`pipeline.plan.plan` as `--dry-run` runs it, with its phases timed by wrapping the functions it
+    calls (same objects, same order)."""
+    import pipeline.plan as planning
+    from pipeline.config import JobConfig
+    from pipeline.embed import ModelSpec
+    from pipeline.ledger import Ledger
+
+    phases: dict[str, float] = {}
+    rss: dict[str, int] = {}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+                rss[name] = rss_bytes()
+
+        return wrapper
+
+    load, read = ModelSpec.load, Ledger.read
+    planning.list_shards = timed("list", planning.list_shards)  # type: ignore[assignment]
+    ModelSpec.load = timed("model", load)  # type: ignore[method-assign]
+    Ledger.read = timed("ledger", read)  # type: ignore[method-assign]
+    try:
+        start = time.perf_counter()
+        result = planning.plan(JobConfig(input=input, output=output, **MODEL))  # type: ignore[arg-type]
+        seconds = time.perf_counter() - start
+    finally:
+        ModelSpec.load, Ledger.read = load, read  # type: ignore[method-assign]
+    phases["rest"] = seconds - sum(phases.values())
+    return {
+        "seconds": seconds,
+        "listed": len(result.shards) + result.skipped_shards,
+        "todo": len(result.shards),
+        "skipped": result.skipped_shards,
+        "skipped_rows": result.skipped_rows,
+        "todo_rels_head": [s.rel for s in result.shards[:3]],
+        "phases": phases,
+        "rss_after": rss,
+    }
+
+
+def current_commit_all(input: str, output: str, task_slots: float, units_per_commit: int) -> dict[str, Any]:
+    """An output that commits every object under `input`, written as `pipeline.run.run` writes one (minus
+    the rows): plan, make_units, RunLedger.start, record_commit per commit interval, data files placed,
+    RunLedger.finish."""
+    from pipeline.config import JobConfig
+    from pipeline.ledger import RunLedger, UnitRecord
+    from pipeline.plan import plan
+    from pipeline.run import new_run_id
+    from pipeline.sink import ParquetSink
+    from pipeline.units import make_units
+
+    start = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    config = JobConfig(input=input, output=output, **MODEL)  # type: ignore[arg-type]
+    job = plan(config)
+    units = make_units(job.shards, task_slots)
+    run_id = new_run_id()
+    sink = ParquetSink(output, job.output, run_id, {**job.identity, "run_id": run_id})
+    ledger = RunLedger(output, run_id)
+    ledger.start({"run_id": run_id, "started_at": started_at, "identity": job.identity})
+    for i in range(0, len(units), units_per_commit):
+        records = [
+            UnitRecord(
+                sink.final_name(u.id),
+                f"{sink.staging_dir}/u{u.id:06d}-{uuid.uuid4().hex}.parquet",
+                {rel: (1, 0) for rel in u.rels},
+            )
+            for u in units[i : i + units_per_commit]
+        ]
+        ledger.record_commit(records)
+        for r in records:  # moved into place: Ledger.read looks for the name at the output's top level
+            assert r.file is not None
+            Path(output, r.file).touch()
+    ledger.finish(
+        {
+            "run_id": run_id,
+            "started_at": started_at,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "commits": ledger.seq,
+            "summary": {"rows": len(job.shards), "synthetic": True},
+        }
+    )
+    return {
+        "seconds": time.perf_counter() - start,
+        "units": len(units),
+        "commits": ledger.seq,
+        "files_per_unit": max(len(u.shards) for u in units),
+    }
+
+
+def current_list_uri(uri: str) -> int:
+    from pipeline.sources import list_shards
+
+    return len(list_shards(uri))
+
+
+VARIANTS = {
+    "current": Variant(
+        "current",
+        "pipeline.plan.plan: one sorted listing in the driver, the whole ledger read into dicts",
+        current_plan,
+        current_commit_all,
+        current_list_uri,
+    ),
+}
+
+
+def boto3_parallel_list(uri: str, threads: int) -> int:
+    """The reference parallel listing: the prefixes one level under `uri` (one delimiter listing), then
+    each prefix listed to the end by a list_objects_v2 paginator, in a pool of `threads`."""
+    import boto3
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    client = boto3.client("s3")
+    top = client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    prefixes = [p["Prefix"] for p in top.get("CommonPrefixes", [])]
+    loose = len(top.get("Contents", []))
+
+    def count(p: str) -> int:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p)
+        return sum(len(page.get("Contents", [])) for page in pages)
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        return loose + sum(pool.map(count, prefixes))
+
+
+def child_main(task: dict[str, Any]) -> dict[str, Any]:
+    """Runs one measurement in this (fresh) process; the parent reads the JSON printed last."""
+    op = task["op"]
+    if op in ("plan", "commit_all", "list_uri"):
+        import pipeline.plan  # noqa: F401  the same modules in every planning child, baseline included
+
+    variant = VARIANTS.get(task.get("variant", "current"))
+    assert variant is not None
+    rss0 = rss_bytes()
+    if op == "plan":
+        opened = count_opens_under(task["input"])
+        out = variant.plan(task["input"], task["output"])
+        out["opened"] = opened()
+    elif op == "commit_all":
+        out = variant.commit_all(task["input"], task["output"], task["task_slots"], task["units_per_commit"])
+    elif op == "list_uri":
+        start = time.perf_counter()
+        out = {"listed": variant.list_uri(task["uri"])}
+        out["seconds"] = time.perf_counter() - start
+    elif op == "boto3_parallel":
+        import boto3  # noqa: F401  imported before timing, like pipeline.plan in the others
+
+        start = time.perf_counter()
+        out = {"listed": boto3_parallel_list(task["uri"], task["threads"])}
+        out["seconds"] = time.perf_counter() - start
+    elif op == "ledger":
+        from pipeline.ledger import Ledger, UnitRecord
+
+        ledger = Ledger.read(task["output"])
+        units = []  # each unit's input shards: how the run grouped them
+        for record in Path(task["output"], "_runs").glob("*/commit-*.json"):
+            units += [sorted(UnitRecord.from_json(u).shards) for u in json.loads(record.read_text())["units"]]
+        out = {
+            "done": sorted([rel, r, e] for rel, (r, e) in ledger.done.items()),
+            "files": len(ledger.files),
+            "pending": len(ledger.pending),
+            "lost": len(ledger.lost),
+            "finished": len(ledger.finished),
+            "units": sorted(units),
+        }
+    else:
+        raise SystemExit(f"unknown child op {op!r}")
+    out["rss_start"] = rss0
+    out["peak_rss"] = rss_bytes("VmHWM")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parent side.
+
+
+def run_child(task: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(task)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {task['op']} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_files(root: Path, start: int, count: int, per_dir: int) -> float:
+    """Empty files start … start+count-1, `per_dir` to a directory; returns the seconds it took."""
+    t0 = time.perf_counter()
+    made: set[int] = set()
+    for i in range(start, start + count):
+        d = i // per_dir
+        if d not in made:
+            (root / f"d{d:06d}").mkdir(parents=True, exist_ok=True)
+            made.add(d)
+        os.mknod(root / f"d{d:06d}" / f"{i:09d}.jpg")
+    return time.perf_counter() - t0
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower().replace("_", "")
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:], 1)
+    return int(float(text.rstrip("kmg")) * scale)
+
+
+def human(n: int) -> str:
+    for div, suffix in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
+        if n >= div and n % (div // 100) == 0:
+            return f"{n / div:g}{suffix}"
+    return f"{n:,}"
+
+
+def plan_row(variant: str, size: int, case: str, committed: int, res: dict, base_peak: int) -> dict:
+    above = res["peak_rss"] - base_peak
+    return {
+        "variant": variant,
+        "size": size,
+        "case": case,
+        "committed": committed,
+        "listed": res["listed"],
+        "todo": res["todo"],
+        "skipped": res["skipped"],
+        "seconds": res["seconds"],
+        "objects_per_s": res["listed"] / res["seconds"],
+        "listing_per_s": res["listed"] / res["phases"]["list"] if res.get("phases", {}).get("list") else None,
+        "peak_rss": res["peak_rss"],
+        "above_baseline": above,
+        "bytes_per_object": above / max(1, res["listed"]),
+        "phases": res.get("phases", {}),
+        "rss_after": res.get("rss_after", {}),
+        "opened": res.get("opened"),
+    }
+
+
+def local_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> tuple[dict, list[dict]]:
+    """The baseline child, then per size: plan into an empty output, commit everything, add 1 %, plan."""
+    base_in, base_out = workdir / "base-in", workdir / "base-out"
+    make_files(base_in, 0, 1, 1)
+    base = run_child({"op": "plan", "variant": variant, "input": str(base_in), "output": str(base_out)})
+    shutil.rmtree(base_in)
+    print(f"baseline child ({variant}, 1 file): peak RSS {base['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    rows = []
+    for size in args.sizes:
+        tree, out = workdir / f"in-{size}", workdir / f"out-{size}"
+        made = make_files(tree, 0, size, args.per_dir)
+        print(f"{human(size)}: made {size:,} empty files in {made:.0f} s", flush=True)
+        try:
+            res = run_child({"op": "plan", "variant": variant, "input": str(tree), "output": str(out)})
+            rows.append(plan_row(variant, size, "plan", 0, res, base["peak_rss"]))
+            print_row(rows[-1])
+            built = run_child(
+                {
+                    "op": "commit_all",
+                    "variant": variant,
+                    "input": str(tree),
+                    "output": str(out),
+                    "task_slots": args.task_slots,
+                    "units_per_commit": args.units_per_commit,
+                }
+            )
+            print(
+                f"{human(size)}: committed output built in {built['seconds']:.0f} s ({built['units']} units "
+                f"of ≤ {built['files_per_unit']} files, {built['commits']} commit records)",
+                flush=True,
+            )
+            new = max(1, size // 100)
+            make_files(tree, size + args.per_dir, new, args.per_dir)  # new directories
+            res = run_child({"op": "plan", "variant": variant, "input": str(tree), "output": str(out)})
+            if (res["skipped"], res["todo"]) != (size, new):
+                raise RuntimeError(f"rerun planned {res['todo']} to do, {res['skipped']} skipped")
+            rows.append(plan_row(variant, size, "rerun +1%", size, res, base["peak_rss"]))
+            rows[-1]["build"] = built
+            print_row(rows[-1])
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return base, rows
+
+
+def growth(rows: list[dict]) -> list[dict]:
+    """Per variant and case: each size against the smallest one."""
+    result = []
+    for variant, case in sorted({(r["variant"], r["case"]) for r in rows}):
+        these = sorted(
+            (r for r in rows if (r["variant"], r["case"]) == (variant, case)), key=lambda r: r["size"]
+        )
+        for r in these[1:]:
+            small = these[0]
+            result.append(
+                {
+                    "variant": variant,
+                    "case": case,
+                    "sizes": [small["size"], r["size"]],
+                    "objects": r["size"] / small["size"],
+                    "seconds": r["seconds"] / small["seconds"],
+                    "above_baseline": r["above_baseline"] / max(1, small["above_baseline"]),
+                    "ledger_seconds": r["phases"].get("ledger", 0)
+                    / max(1e-9, small["phases"].get("ledger", 0)),
+                }
+            )
+    return result
+
+
+def print_row(r: dict) -> None:
+    ph = r["phases"]
+    phases = " / ".join(f"{ph.get(k, 0):.1f}" for k in ("model", "list", "ledger", "rest"))
+    listing = f"{r['listing_per_s']:,.0f}" if r["listing_per_s"] else "—"
+    committed = human(r["committed"]) if r["committed"] else 0
+    print(
+        f"| {r['variant']} | {human(r['size'])} | {r['case']} | {committed}"
+        f" | {r['listed']:,} | {r['todo']:,} | {r['seconds']:.1f} | {r['objects_per_s']:,.0f} | {listing} "
+        f"| {r['peak_rss'] / 2**20:,.0f} | {r['above_baseline'] / 2**20:,.0f} | {r['bytes_per_object']:,.0f} "
+        f"| {phases} | {r['opened']} |",
+        flush=True,
+    )
+
+
+TABLE_HEAD = (
+    "| variant | objects | case | committed | listed | to do | seconds | objects/s | listing objects/s "
+    "| peak RSS MiB "
+    "| above baseline MiB | bytes/object | model / list / ledger / rest s | files opened |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+# ---- S3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MOTO_SERVER = """
+import logging, sys
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+from moto.server import ThreadedMotoServer
+port, bucket, n, prefixes = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+backend.create_bucket(bucket, "us-east-1")
+for i in range(n):  # moto's own model, as a PUT would store it; ~10k objects/s
+    backend.put_object(bucket, f"in/p{i % prefixes:02d}/{i:09d}.jpg", b"x")
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+server.start()
+print("ready", flush=True)
+sys.stdin.read()  # until the parent closes it
+server.stop()
+"""
+
+
+def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
+    env = {**os.environ}
+    server = None
+    uri = f"s3://{S3_BUCKET}/in"
+    if args.s3_endpoint:
+        env["AWS_ENDPOINT_URL"] = args.s3_endpoint
+        uri = args.s3_uri or uri
+        n = None
+    else:
+        env.update(AWS_TEST_ENV)
+        port = free_port()
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        n = args.s3_objects
+        t0 = time.perf_counter()
+        server = subprocess.Popen(
+            [sys.executable, "-c", MOTO_SERVER, str(port), S3_BUCKET, str(n), str(S3_PREFIXES)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("moto's server did not start")
+        print(
+            f"moto: {n:,} objects over {S3_PREFIXES} prefixes in {time.perf_counter() - t0:.0f} s", flush=True
+        )
+    try:
+        rows = []
+        for name, task in (
+            (f"{variant}: list_shards (sequential)", {"op": "list_uri", "variant": variant, "uri": uri}),
+            (
+                f"reference: boto3, {S3_PREFIXES} prefixes, {S3_THREADS} threads",
+                {"op": "boto3_parallel", "uri": uri, "threads": S3_THREADS},
+            ),
+        ):
+            res = run_child(task, env)
+            rows.append(
+                {
+                    "lister": name,
+                    "objects": res["listed"],
+                    "seconds": res["seconds"],
+                    "objects_per_s": res["listed"] / res["seconds"],
+                    "peak_rss": res["peak_rss"],
+                    "endpoint": "moto" if server else args.s3_endpoint,
+                }
+            )
+            print(
+                f"S3 {name}: {res['listed']:,} objects in {res['seconds']:.1f} s, "
+                f"{rows[-1]['objects_per_s']:,.0f}/s",
+                flush=True,
+            )
+        if n is not None and any(r["objects"] != n for r in rows):
+            raise RuntimeError(f"S3 listings found {[r['objects'] for r in rows]}, not {n}")
+        return rows
+    finally:
+        if server is not None:
+            assert server.stdin is not None
+            server.stdin.close()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+# ---- validation against a real run
+
+
+def validate(args: argparse.Namespace, variant: str, workdir: Path) -> dict[str, Any]:
+    """Real job vs synthetic committed output on `args.validate` real JPEGs, then 1 % more: same ledger,
+    same plan()."""
+    import numpy as np
+
+    from pipeline.sample import encode, photo_like
+
+    n = args.validate
+    tree, real, synthetic = workdir / "val-in", workdir / "val-real", workdir / "val-synthetic"
+    rng = np.random.default_rng(0)
+
+    def jpegs(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            d = tree / f"d{i // args.per_dir:06d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:09d}.jpg").write_bytes(encode(photo_like(rng, 48, 40)))
+
+    try:
+        jpegs(0, n)
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(ROOT / "jobs" / "embed.py"), "--input", str(tree), "--output", str(real)]
+        cmd += [
+            "--model",
+            MODEL["model"],
+            "--weights",
+            MODEL["weights"],
+            "--image-size",
+            str(MODEL["image_size"]),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the real job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        real_s = time.perf_counter() - t0
+        built = run_child(
+            {
+                "op": "commit_all",
+                "variant": variant,
+                "input": str(tree),
+                "output": str(synthetic),
+                "task_slots": args.task_slots,
+                "units_per_commit": args.units_per_commit,
+            }
+        )
+        ledgers = {
+            name: run_child({"op": "ledger", "output": str(o)})
+            for name, o in (("real", real), ("synthetic", synthetic))
+        }
+        new = max(1, n // 100)
+        jpegs(n + args.per_dir, new)
+        plans = {
+            name: run_child({"op": "plan", "variant": variant, "input": str(tree), "output": str(o)})
+            for name, o in (("real", real), ("synthetic", synthetic))
+        }
+        keys = ("listed", "todo", "skipped", "skipped_rows", "todo_rels_head")
+        same = {
+            "ledger_done": ledgers["real"]["done"] == ledgers["synthetic"]["done"],
+            "ledger_files": ledgers["real"]["files"] == ledgers["synthetic"]["files"],
+            "ledger_units": ledgers["real"]["units"] == ledgers["synthetic"]["units"],
+            "ledger_pending_lost": all(ledgers[k]["pending"] == ledgers[k]["lost"] == 0 for k in ledgers),
+            **{f"plan_{k}": plans["real"][k] == plans["synthetic"][k] for k in keys},
+        }
+        result = {
+            "images": n,
+            "new": new,
+            "real_job_seconds": real_s,
+            "synthetic_build_seconds": built["seconds"],
+            "real_data_files": ledgers["real"]["files"],
+            "units": len(ledgers["real"]["units"]),
+            "plans": {name: {k: p[k] for k in keys} for name, p in plans.items()},
+            "same": same,
+            "indistinguishable": all(same.values()),
+        }
+        print(
+            f"validation ({n:,} JPEGs, real job {real_s:.0f} s, {result['units']} units): "
+            f"{'indistinguishable' if result['indistinguishable'] else 'DIFFERENT'} "
+            f"(real plan: {plans['real']['skipped']} skipped, {plans['real']['todo']} to do; synthetic: "
+            f"{plans['synthetic']['skipped']} skipped, {plans['synthetic']['todo']} to do)",
+            flush=True,
+        )
+        if not result["indistinguishable"]:
+            print(f"  differences: {[k for k, v in same.items() if not v]}", flush=True)
+        return result
+    finally:
+        for d in (tree, real, synthetic):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--planner", choices=sorted(VARIANTS), default=["current"], nargs="+", help="variants to measure"
+    )
+    p.add_argument(
+        "--sizes",
+        type=lambda s: [parse_size(x) for x in s.split(",") if x],
+        default=[100_000, 1_000_000],
+        help="comma-separated local input sizes, e.g. 100k,1M,5M (default 100k,1M; '' skips the local part)",
+    )
+    p.add_argument("--per-dir", type=int, default=1000, help="files per directory (default 1000)")
+    p.add_argument(
+        "--task-slots",
+        type=float,
+        default=1.0,
+        help="task slots make_units assumes for the committed output (default 1: one CPU actor on 2 CPUs, as "
+        "on this machine; from 100k objects on, units are 4,096 files unless there are more than 6 slots)",
+    )
+    p.add_argument(
+        "--units-per-commit",
+        type=int,
+        default=8,
+        help="units per commit record in the committed output (default 8: ~33k images per 10 s commit "
+        "interval)",
+    )
+    p.add_argument(
+        "--s3-objects", type=int, default=20_000, help="objects on moto's server (default 20000; 0 skips)"
+    )
+    p.add_argument(
+        "--s3-endpoint", help="list a real endpoint instead of moto (credentials from the environment)"
+    )
+    p.add_argument(
+        "--s3-uri", help="with --s3-endpoint: the s3://bucket/prefix to list (16 prefixes under it)"
+    )
+    p.add_argument(
+        "--validate", type=int, default=0, metavar="N", help="compare with a real run on N JPEGs first"
+    )
+    p.add_argument("--workdir", help="where to make the trees (default: a new directory under $TMPDIR)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child_main(json.loads(args.child))))
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="scale-bench-", dir=args.workdir))
+    report: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_before": os.getloadavg(),
+        "model": MODEL,
+        "per_dir": args.per_dir,
+        "task_slots": args.task_slots,
+        "units_per_commit": args.units_per_commit,
+    }
+    try:
+        if args.validate:
+            report["validation"] = validate(args, args.planner[0], workdir)
+        report["baseline"], report["local"] = {}, []
+        if args.sizes:
+            print(TABLE_HEAD, flush=True)
+        for variant in args.planner if args.sizes else []:
+            base, rows = local_benchmark(args, variant, workdir)
+            report["baseline"][variant] = base
+            report["local"] += rows
+        report["growth"] = growth(report["local"])
+        report["s3"] = []
+        if args.s3_objects or args.s3_endpoint:
+            for variant in args.planner:
+                report["s3"] += s3_benchmark(args, variant)
+        report["load_after"] = os.getloadavg()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    load = f"load {report['load_before'][0]:.1f} before, {report['load_after'][0]:.1f} after"
+    print(f"{report['machine']}; {load}")
+    if report["local"]:
+        for variant, base in report["baseline"].items():
+            print(f"baseline child ({variant}, 1-file input): peak RSS {base['peak_rss'] / 2**20:.0f} MiB")
+        print(TABLE_HEAD)
+        for r in report["local"]:
+            print_row(r)
+    for g in report["growth"]:
+        print(
+            f"{g['variant']}, {g['case']}: {human(g['sizes'][1])} vs {human(g['sizes'][0])} "
+            f"(×{g['objects']:g} objects): seconds ×{g['seconds']:.1f}, driver memory above baseline "
+            f"×{g['above_baseline']:.1f}, Ledger.read seconds ×{g['ledger_seconds']:.1f}"
+        )
+    if report["s3"]:
+        print("\n| lister | objects | seconds | objects/s | peak RSS MiB |\n|---|---|---|---|---|")
+        for r in report["s3"]:
+            print(
+                f"| {r['lister']} | {r['objects']:,} | {r['seconds']:.1f} | {r['objects_per_s']:,.0f} "
+                f"| {r['peak_rss'] / 2**20:,.0f} |"
+            )
+        for i in range(0, len(report["s3"]), 2):
+            seq, par = report["s3"][i : i + 2]
+            print(f"parallel ÷ sequential objects/s: {par['objects_per_s'] / seq['objects_per_s']:.2f}")
+    if "validation" in report:
+        v = report["validation"]
+        verdict = "indistinguishable" if v["indistinguishable"] else v["same"]
+        print(f"validation on {v['images']:,} JPEGs: {verdict}")
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
