@@ -241,8 +241,9 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"stopped by {e.name}: {RERUN}.", file=sys.stderr)
     # The stop may have cut into Ray Data's own clean-up: what Ray logs while it tears down from here (an
     # executor thread finding Ray already shut down, say) is noise after that sentence.
-    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name, logger in list(logging.root.manager.loggerDict.items()):  # no new loggers made here
+        if isinstance(logger, logging.Logger) and (name == "ray" or name.startswith("ray.")):
+            logger.setLevel(logging.CRITICAL)
     gc.collect()  # abandoned Ray Data iterators shut their executors down now, while Ray is still up
     return 3
 

@@ -68,26 +68,31 @@ def install_signal_handlers() -> None:
 
 
 class ClusterWatch(threading.Thread):
-    """Ends the process with one sentence and status 3 when the Ray cluster's GCS stops answering.
+    """Ends the process with one sentence and status 3 when the Ray cluster stops answering.
 
     Without it the driver waits on a dead cluster until Ray's core worker gives up on the GCS
     (RAY_gcs_rpc_server_reconnect_timeout_s, 60 s by default) and ends the process itself with status 1
-    and a C++ log line. The watch probes the GCS port every `interval_s` while Ray is connected and,
-    after `grace_s` without an answer (10 s less than Ray's timeout, so a GCS that restarts within
-    Ray's window, as with GCS fault tolerance, does not stop the run), exits at once: the cluster's
-    work is lost anyway, and the next run removes what this one left uncommitted.
+    and a C++ log line. The watch probes the GCS port every `interval_s` while Ray is connected. When the
+    GCS does not answer and this node's raylet does not either (the head went away: Ray ends the driver
+    soon), it exits at once; when only the GCS is silent, after `grace_s` (10 s less than Ray's timeout,
+    so a GCS that restarts within Ray's window, as with GCS fault tolerance, does not stop the run). The
+    cluster's work is lost either way, and the next run removes what this one left uncommitted.
     """
 
-    def __init__(self, interval_s: float = 2.0, grace_s: float | None = None) -> None:
+    def __init__(self, interval_s: float = 1.0, grace_s: float | None = None) -> None:
         super().__init__(name="cluster-watch", daemon=True)
         ray_timeout = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "60"))  # noqa: SIM112
         self.interval_s = interval_s
         self.grace_s = grace_s if grace_s is not None else max(5.0, ray_timeout - 10.0)
 
-    def gcs_address(self) -> str | None:
+    def endpoints(self) -> tuple[str, str | None] | None:
+        """(the GCS's host:port, this node's raylet socket) while Ray is connected, else None."""
         ray = sys.modules.get("ray")
         try:
-            return str(ray.get_runtime_context().gcs_address) if ray and ray.is_initialized() else None
+            if not (ray and ray.is_initialized()):
+                return None
+            node = getattr(ray._private.worker.global_worker, "node", None)
+            return str(ray.get_runtime_context().gcs_address), getattr(node, "raylet_socket_name", None)
         except Exception:  # connecting or shutting down
             return None
 
@@ -95,19 +100,31 @@ class ClusterWatch(threading.Thread):
         silent_since: float | None = None
         while True:
             time.sleep(self.interval_s)
-            address = self.gcs_address()
-            if address is None or _answers(address, timeout_s=self.interval_s):
+            ends = self.endpoints()
+            if ends is None or _answers(ends[0], timeout_s=self.interval_s):
                 silent_since = None
                 continue
             now = time.monotonic()
             silent_since = silent_since or now
-            if now - silent_since >= self.grace_s and self.gcs_address():
+            raylet_gone = ends[1] is not None and not _socket_answers(ends[1], self.interval_s)
+            if (raylet_gone or now - silent_since >= self.grace_s) and self.endpoints():
                 os.write(
                     2,
-                    f"error: the Ray cluster went away: its GCS at {address} has not answered for "
+                    f"error: the Ray cluster went away: its GCS at {ends[0]} has not answered for "
                     f"{now - silent_since:.0f} s; {RERUN}.\n".encode(),
                 )
                 os._exit(3)
+
+
+def _socket_answers(path: str, timeout_s: float) -> bool:
+    """Whether something accepts connections on the Unix socket at `path`."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout_s)
+            s.connect(path)
+            return True
+    except OSError:
+        return False
 
 
 def _answers(address: str, timeout_s: float) -> bool:
