@@ -234,9 +234,7 @@ class GpuDecoder:
                 index = [i for i, _ in part]
                 try:
                     out[index] = self._resize_crop_patchify(torch.stack([img for _, img in part]), w, h)
-                except (
-                    Exception
-                ):  # out of device memory, a downscale CUDA's antialias refuses (~94×): CPU path
+                except Exception:  # out of device memory, a downscale CUDA's antialias refuses: CPU path
                     for i in index:
                         self._fallback(cpu, i, "device resize failed")
 

@@ -5,8 +5,8 @@ samples), `<file>#<row index>` or the `--key-column` value (Parquet rows). A pro
 is one row keyed `<shard>#.error` (SHARD_ERROR_SUFFIX): no sample key or row index ends that way.
 
 `error` is a str where a row failed, None where it did not. Ray Data stores an all-null column with
-Arrow's null type and hands it back to numpy as float NaNs, so a stage
-must not test `error is None`: it asks `error_column(batch)` for a clean object array instead.
+Arrow's null type and hands it back to numpy as float NaNs, so a stage must not test `error is None`: it
+asks `error_column(batch)` for a clean object array instead.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class Summary:
         error_rate = stats.errors / stats.rows if stats.rows else 0.0
         on_actors = config.decode == "gpu"  # decode time was spent in the model actors
         bound = bottleneck(stats.seconds, actors.task_slots, actors.size, on_actors) if actors else ""
-        first = (actors.note if actors else "Nothing new to process.") or None
+        first = actors.note if actors else "Nothing new to process."
         return cls(
             processed=stats.rows,
             skipped=job.skipped_rows,
