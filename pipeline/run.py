@@ -173,6 +173,9 @@ def build_dataset(
     """The Ray Data plan: units → read+decode (CPU tasks) → embed (actors) → write parts (CPU tasks)."""
     import ray
 
+    # Units in and parts out are Python objects, which Ray Data stores pickled: said here, before the first
+    # block is made, so that it does not warn that it cannot make an Arrow column of them.
+    ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
     items = [{"unit": unit} for unit in units]
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     # Ray Data gathers a task's output batches into blocks of target_max_block_size (128 MiB by default)
