@@ -6,30 +6,40 @@
                                          written BEFORE the staged files are moved into place, so it is the
                                          commit point and every data file a reader sees is committed
     _runs/<run_id>/summary.json          counts and timings, written when the run ends
+    _ledger/                             the index: the commit records of earlier runs folded into sorted
+                                         Parquet segments (pipeline/ledger_index.py)
 
 A later run into the same output (see pipeline/lease.py for how runs take turns):
 
-- skips the shards that commit records cover (re-runs after a crash, incremental scheduled runs);
+- skips the shards that the index and the commit records cover (re-runs after a crash, incremental
+  scheduled runs), checking a sorted listing against them page by page;
 - refuses to mix in rows from a different model, weights, seed or preprocessing;
 - finishes the moves of committed units whose staged file is still there (a crash between the record and
-  the moves), then deletes data files that no record names and everything else under `_staging/`.
+  the moves), then deletes data files that nothing committed names and everything else under `_staging/`;
+- folds the commit records of earlier runs into the index and deletes them (`compact`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import storage
+from pipeline.ledger_index import SHARDS_SCHEMA, FileEntry, Index, newest
 from pipeline.sink import STAGING_DIR
 from pipeline.storage import make_dirs, read_json, relative_path, resolve_uri, write_json
 
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"
+LOOKUP_PAGE = 65_536  # shard names checked against the index at a time
 _PART = re.compile(r"^part-.+\.parquet$")
 _COMMIT = re.compile(r"^commit-\d+\.json$")
 
@@ -84,19 +94,25 @@ class UnitRecord:
 class Ledger:
     output: str
     runs: dict[str, dict] = field(default_factory=dict)  # run_id → run.json
-    done: dict[str, tuple[int, int]] = field(default_factory=dict)  # shard rel → (rows, errors)
-    files: dict[str, list[str]] = field(default_factory=dict)  # committed data file → its shard rels
+    files: dict[str, FileEntry] = field(default_factory=dict)  # committed data files in place or pending
     pending: list[tuple[str, str]] = field(default_factory=list)  # committed (staged, file) not yet moved
     lost: list[str] = field(default_factory=list)  # committed files found neither in place nor staged
     finished: set[str] = field(default_factory=set)  # runs with a summary
+    index: Index | None = None  # the folded commit records (pipeline/ledger_index.py)
+    records: pa.Table = field(default_factory=SHARDS_SCHEMA.empty_table)  # shards of unfolded records
+    record_paths: list[str] = field(default_factory=list)  # those records, relative to the output
 
     @classmethod
     def read(cls, output: str) -> Ledger:
+        """Reads the runs, the index's file list and the commit records not yet folded into the index;
+        which shards are committed is asked page by page (`done_in`), never loaded whole."""
         fs, root = resolve_uri(output)
-        ledger = cls(output)
+        index = Index(output)
+        ledger = cls(output, index=index)
         infos = fs.get_file_info(
             pafs.FileSelector(f"{root}/{RUNS_DIR}", recursive=True, allow_not_found=True)
         )
+        folded = set(index.folded)
         records = []
         for info in sorted(infos, key=lambda i: i.path):  # run ids start with their UTC start time
             if info.type != pafs.FileType.File:
@@ -106,9 +122,18 @@ class Ledger:
                 ledger.runs[run_id] = read_json(fs, info.path)
             elif name == "summary.json":
                 ledger.finished.add(run_id)
-            elif _COMMIT.match(name):
+            elif _COMMIT.match(name) and relative_path(root, info.path) not in folded:
+                ledger.record_paths.append(relative_path(root, info.path))
                 records.append(read_json(fs, info.path))
-        if not records:
+        ledger.files = index.files()
+        units = [unit for record in records for unit in _units(record)]
+        ledger.records = _shard_rows(units)
+        for unit in units:
+            if unit.file is not None:
+                rels = sorted(unit.shards)
+                rows, errors = (sum(c[i] for c in unit.shards.values()) for i in (0, 1))
+                ledger.files[unit.file] = FileEntry(len(rels), rels[0] if rels else "", rows, errors)
+        if not ledger.files:
             return ledger
         placed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
         staged = {
@@ -118,16 +143,13 @@ class Ledger:
             )
             if i.type == pafs.FileType.File
         }
-        for record in records:
-            for unit in _units(record):
-                if unit.file is not None:
-                    if unit.staged in staged:
-                        ledger.pending.append((unit.staged, unit.file))  # type: ignore[arg-type]
-                    elif unit.file not in placed:
-                        ledger.lost.append(unit.file)  # deleted by hand: its shards are redone
-                        continue
-                    ledger.files[unit.file] = sorted(unit.shards)
-                ledger.done.update(unit.shards)
+        for unit in units:
+            if unit.file is not None and unit.staged in staged:
+                ledger.pending.append((unit.staged, unit.file))  # type: ignore[arg-type]
+        moving = {file for _, file in ledger.pending}
+        ledger.lost = sorted(f for f in ledger.files if f not in placed and f not in moving)
+        for file in ledger.lost:  # deleted by hand: their shards are redone
+            del ledger.files[file]
         if ledger.lost:
             log.warning(
                 "%d committed data file(s) of %s are missing (e.g. %s): their inputs are processed again",
@@ -136,6 +158,49 @@ class Ledger:
                 ledger.lost[0],
             )
         return ledger
+
+    def done_in(self, rels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """For the sorted shard names `rels`: whether each is committed, and its committed row count. Reads
+        the index a page at a time (only the row groups a page's names fall in)."""
+        done = np.zeros(len(rels), dtype=bool)
+        rows = np.zeros(len(rels), dtype=np.int64)
+        for start in range(0, len(rels), LOOKUP_PAGE):
+            page = rels[start : start + LOOKUP_PAGE]
+            wanted = pa.array(page, pa.string())
+            found = [self.index.lookup(page)] if self.index is not None else []
+            found.append(self.records.filter(pc.is_in(self.records["rel"], value_set=wanted)))
+            table = newest(pa.concat_tables(found), "rel")
+            if self.lost:
+                table = table.filter(pc.invert(pc.is_in(table["file"], value_set=pa.array(self.lost))))
+            at = pc.index_in(wanted, value_set=table["rel"])
+            hit = at.is_valid().to_numpy(zero_copy_only=False)
+            done[start : start + len(page)] = hit
+            if table.num_rows:
+                counts = table["rows"].to_numpy()[pc.fill_null(at, 0).to_numpy()]
+                rows[start : start + len(page)] = np.where(hit, counts, 0)
+        return done, rows
+
+    def committed(self) -> dict[str, tuple[int, int]]:
+        """Every committed shard → (rows, errors). Reads the whole index: for tools and tests, not for
+        planning (`done_in`)."""
+        tables = [self.records]
+        if self.index is not None:
+            tables = [self.index.read_all(), *tables]
+        table = newest(pa.concat_tables(tables), "rel")
+        if self.lost:
+            table = table.filter(pc.invert(pc.is_in(table["file"], value_set=pa.array(self.lost))))
+        return {
+            rel: (r, e)
+            for rel, r, e in zip(*(table[c].to_pylist() for c in ("rel", "rows", "errors")), strict=True)
+        }
+
+    def compact(self, segment: str) -> None:
+        """Folds the commit records of earlier runs into the index (as segment `segment`, e.g. this run's
+        id) and deletes them. Run it while holding the output's lease, after `recover`."""
+        if self.index is None:
+            self.index = Index(self.output)
+        self.index.fold(self.records, self.record_paths, segment)
+        self.records, self.record_paths = SHARDS_SCHEMA.empty_table(), []
 
     def check_identity(self, identity: dict[str, str]) -> None:
         """Raises OutputConflictError if an earlier run used another model or preprocessing."""
@@ -176,6 +241,15 @@ class Ledger:
                 "removed uncommitted files of an interrupted run from %s: %s", self.output, removed[:5]
             )
         return removed
+
+
+def _shard_rows(units: list[UnitRecord]) -> pa.Table:
+    """The shards of `units` as index rows (rel, rows, errors, file), in record order."""
+    entries = [(rel, r, e, u.file) for u in units for rel, (r, e) in u.shards.items()]
+    return pa.table(
+        {name: [entry[i] for entry in entries] for i, name in enumerate(SHARDS_SCHEMA.names)},
+        schema=SHARDS_SCHEMA,
+    )
 
 
 def _units(record: dict) -> list[UnitRecord]:

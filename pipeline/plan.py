@@ -144,17 +144,18 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
         lease.acquire()
     ledger = Ledger.read(config.output)
     ledger.check_identity(ident)
-    todo = [s for s in shards if s.rel not in ledger.done]
+    done, done_rows = ledger.done_in([s.rel for s in shards])  # the listing is sorted by rel
+    todo = [s for s, d in zip(shards, done, strict=True) if not d]
     if config.key_column is not None and config.key_column != config.image_column:
         check_unique_keys(
             config.input, [s for s in todo if s.kind == "parquet"], config.key_column, committed_keys(ledger)
         )
-    skipped = [s for s in shards if s.rel in ledger.done]
+    skipped = [s for s, d in zip(shards, done, strict=True) if d]
     result = Plan(
         config=config,
         shards=todo,
         skipped_shards=len(skipped),
-        skipped_rows=sum(ledger.done[s.rel][0] for s in skipped),
+        skipped_rows=int(done_rows.sum()),
         spec=spec,
         model=mc,
         resize_size=resize_size,
@@ -184,15 +185,15 @@ def retry_units(ledger: Ledger, listed: dict[str, Shard]) -> tuple[list[Unit], l
     (numbered by make_units) and notes for the summary."""
     fs, root = resolve_uri(ledger.output)
     units, gone = [], 0
-    for file, rels in sorted(ledger.files.items()):
-        if not any(ledger.done.get(rel, (0, 0))[1] for rel in rels):
-            continue  # the ledger counts each shard's error rows: no need to open the file
+    for file, entry in sorted(ledger.files.items()):
+        if not entry.errors:
+            continue  # the ledger counts each file's error rows: no need to open it
         table = pq.read_table(f"{root}/{file}", columns=["key", "error"], filesystem=fs)
         keys = [k for k, e in zip(table["key"].to_pylist(), table["error"].to_pylist()) if e is not None]
         if not keys:
             continue
         # A tar or Parquet shard is a unit alone; loose files share a unit, and a row's key is its path.
-        targets = {rels[0]: keys} if len(rels) == 1 else {k: [k] for k in keys if k in rels}
+        targets = {entry.first_shard: keys} if entry.shards == 1 else {k: [k] for k in keys}
         shards = tuple(
             dataclasses.replace(listed[rel], keys=tuple(ks)) for rel, ks in targets.items() if rel in listed
         )

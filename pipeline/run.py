@@ -247,7 +247,9 @@ def _stager(
         for i, p in enumerate(units):
             file = p.unit.replaces
             if file is not None:
-                started[i] = replace(sink, p.parts, file, p.unit.drop, ledger.files[file])
+                entry = ledger.files[file]
+                single = entry.first_shard if entry.shards == 1 else None
+                started[i] = replace(sink, p.parts, file, p.unit.drop, single)
             elif len(p.parts) > 1:
                 started[i] = merge(sink, p.parts)
         records = []
@@ -348,6 +350,7 @@ def _run(
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     job = plan(config, lease)
     job.ledger.recover()  # finish or remove what an interrupted run left, before writing anything
+    job.ledger.compact(run_id)  # fold earlier runs' commit records into the ledger's index
     if not job.shards and not job.retry:
         return Summary.of(config, run_id, job, time.perf_counter() - start)
     ensure_ray(num_cpus)

@@ -212,14 +212,15 @@ class ParquetSink:
         return relative_path(root, merged)
 
     def stage_replacement(
-        self, parts: list[Part], file: str, drop: Iterable[str], file_shards: list[str]
+        self, parts: list[Part], file: str, drop: Iterable[str], single_shard: str | None
     ) -> tuple[str, dict[str, tuple[int, int]]]:
         """A new version of the committed data file `file`, staged: its rows minus those whose key is among
         the parts' keys (a retried key that did not come back keeps its old row, so nothing is lost) or is a
         shard's error key in `drop` (that shard was read again whole), plus the parts' rows. Returns the
-        staged path (relative to the output) and the (rows, errors) of each of `file_shards` in the new
-        version. Moving it over `file` swaps the rows in one step: a reader sees the old file or the new
-        one, never both."""
+        staged path (relative to the output) and the (rows, errors) of each input shard in the new version:
+        `single_shard` when the file is one tar or Parquet shard's, else its loose files (one row each,
+        keyed by the file's path). Moving it over `file` swaps the rows in one step: a reader sees the old
+        file or the new one, never both."""
         fs, root = resolve_uri(self.output)
         schema = self.spec.schema(self.metadata)
         new = [pq.read_table(p.staged, filesystem=fs, schema=schema) for p in parts]
@@ -235,11 +236,10 @@ class ParquetSink:
         write_parquet([table], fs, staged, old.schema)
         keys = table["key"].to_pylist()
         bad = table["error"].is_valid().to_pylist()
-        if len(file_shards) == 1:  # a tar or Parquet shard is a unit, hence a file, alone
-            counts = {file_shards[0]: (len(keys), sum(bad))}
+        if single_shard is not None:  # a tar or Parquet shard is a unit, hence a file, alone
+            counts = {single_shard: (len(keys), sum(bad))}
         else:  # loose files: each key is its file's path
-            by_key = dict(zip(keys, bad))
-            counts = {rel: (int(rel in by_key), int(by_key.get(rel, False))) for rel in file_shards}
+            counts = {key: (1, int(b)) for key, b in zip(keys, bad, strict=True)}
         return relative_path(root, staged), counts
 
     def move_into_place(self, staged: str, name: str) -> None:

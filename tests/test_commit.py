@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.commit import Committer
 from pipeline.ledger import Ledger, OutputConflictError, RunLedger
+from pipeline.ledger_index import FileEntry
 from pipeline.sink import OutputSpec, ParquetSink
 from pipeline.sources import Shard
 from pipeline.units import Unit
@@ -70,8 +71,11 @@ def test_a_unit_becomes_visible_only_when_all_its_rows_are_staged(tmp_path):
         "part-r1-u000001.parquet",
     ]
     ledger = Ledger.read(str(tmp_path))
-    assert ledger.done == {"a.tar": (4, 0), "b.tar": (2, 0)}
-    assert ledger.files == {"part-r1-u000000.parquet": ["a.tar"], "part-r1-u000001.parquet": ["b.tar"]}
+    assert ledger.committed() == {"a.tar": (4, 0), "b.tar": (2, 0)}
+    assert ledger.files == {
+        "part-r1-u000000.parquet": FileEntry(1, "a.tar", 4, 0),
+        "part-r1-u000001.parquet": FileEntry(1, "b.tar", 2, 0),
+    }
     assert not list((tmp_path / "_staging").rglob("*.parquet")), "merged parts are deleted once placed"
 
 
@@ -89,7 +93,7 @@ def test_commits_wait_for_the_interval(tmp_path):
 def test_a_unit_without_rows_is_done_at_the_end(tmp_path):
     _, c = _setup(tmp_path, {0: ["empty.tar"]})
     c.finish()
-    assert Ledger.read(str(tmp_path)).done == {"empty.tar": (0, 0)}
+    assert Ledger.read(str(tmp_path)).committed() == {"empty.tar": (0, 0)}
 
 
 def test_an_incomplete_unit_at_the_end_is_an_error_not_a_silent_loss(tmp_path):
@@ -119,7 +123,7 @@ def test_recovery_removes_unrecorded_files_and_staging(tmp_path):
     # ... and a staged part of a unit still in flight.
     sink.write_parts(_rows(1, "b", 1))
     ledger = Ledger.read(str(tmp_path))
-    assert set(ledger.done) == {"a"}
+    assert set(ledger.committed()) == {"a"}
     removed = ledger.recover()
     assert orphan in removed and "_staging/" in removed
     assert _visible_keys(tmp_path) == ["a#0"]
@@ -140,11 +144,11 @@ def test_a_recorded_unit_is_moved_into_place_by_the_next_run(tmp_path, monkeypat
         c.finish()
     assert c.moving and _visible_keys(tmp_path) == []  # readers see nothing yet
     ledger = Ledger.read(str(tmp_path))
-    assert ledger.done == {"a.tar": (3, 0)} and len(ledger.pending) == 1
+    assert ledger.committed() == {"a.tar": (3, 0)} and len(ledger.pending) == 1
     ledger.recover()
     assert sorted(_visible_keys(tmp_path)) == ["a.tar#0", "a.tar#1", "a.tar#2"]
     again = Ledger.read(str(tmp_path))
-    assert again.pending == [] and again.done == {"a.tar": (3, 0)}
+    assert again.pending == [] and again.committed() == {"a.tar": (3, 0)}
     assert not (tmp_path / "_staging").exists()
 
 
@@ -154,7 +158,7 @@ def test_a_committed_file_deleted_by_hand_is_redone(tmp_path):
         c.add(part)
     (tmp_path / sink.final_name(0)).unlink()
     ledger = Ledger.read(str(tmp_path))
-    assert set(ledger.done) == {"b"} and ledger.lost == [sink.final_name(0)]
+    assert set(ledger.committed()) == {"b"} and ledger.lost == [sink.final_name(0)]
 
 
 def test_identity_conflict_names_the_difference(tmp_path):
