@@ -82,6 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", help="local directory or s3://bucket/prefix holding the images or shards")
     p.add_argument("--output", help="local directory or s3://bucket/prefix for the Parquet dataset")
     p.add_argument(
+        "--input-list",
+        default=None,
+        metavar="URI",
+        help="read the objects this manifest names instead of listing --input: Parquet or CSV with a 'key' "
+        "column (keys under --input's prefix; for a local --input, paths relative to it), or an S3 "
+        "Inventory manifest.json",
+    )
+    p.add_argument(
         "--model",
         default="vit_b_16",
         help="preset: vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, vit_s_16, vit_ti_16",

@@ -26,6 +26,7 @@ class JobConfig:
 
     input: str
     output: str
+    input_list: str | None = None  # a manifest naming the objects to read instead of listing --input
     model: str = "vit_b_16"
     weights: str = "random"
     format: str = "auto"
@@ -56,6 +57,15 @@ class JobConfig:
         checks = [
             (bool(self.input), "--input is required: a local directory or s3://bucket/prefix."),
             (bool(self.output), "--output is required: a local directory or s3://bucket/prefix."),
+            (
+                self.input_list is None or _is_location(self.input_list),
+                "--input-list must be a local path or an s3://bucket/key URI of a manifest (Parquet, CSV "
+                f"or an S3 Inventory manifest.json), not {self.input_list!r}.",
+            ),
+            (
+                self.input_list is None or not _overlap(self.input_list, self.output),
+                "--input-list must be outside --output, which holds only what the job writes.",
+            ),
             (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}."),
             (
                 self.batch_size is None or self.batch_size >= 1,
@@ -120,6 +130,17 @@ def _check_triple(option: str, values: tuple[float, ...] | None, *, positive: bo
     if positive and not all(v > 0 for v in values):
         return False, f"{option} must be above 0 for every channel (it divides the pixels), not {shown}."
     return True, ""
+
+
+def _is_location(uri: str) -> bool:
+    """A non-empty local path, file:// URI or s3://bucket/… URI: what pipeline.storage.resolve_uri takes."""
+    text = uri.strip() if isinstance(uri, str) else ""
+    if not text:
+        return False
+    if "://" not in text:
+        return True
+    scheme, rest = text.split("://", 1)
+    return scheme.lower() == "file" or (scheme.lower() == "s3" and bool(rest.split("/", 1)[0]))
 
 
 def _overlap(a: str, b: str) -> bool:

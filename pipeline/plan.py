@@ -136,7 +136,7 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     ident = identity(config, loaded, resize_size)
     output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
 
-    shards = list_shards(config.input, config.format)
+    shards = list_shards(config.input, config.format, config.input_list)
     parquet = [s for s in shards if s.kind == "parquet"]
     if parquet:  # the image and key columns, on one file's schema
         check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)

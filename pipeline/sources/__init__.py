@@ -10,15 +10,25 @@ Inputs (``--input``: a local directory, a ``file://`` URI or ``s3://bucket/prefi
   key = ``<file rel>#<row index>``, or ``str(value)`` of ``key_column`` when given.
 
 Listing ignores paths with a component starting with ``_`` or ``.``; ``format="auto"`` decides by
-extension. Reading never raises for a bad input: a problem is a row whose ``error`` starts with
-``"read: "``, and a problem with a whole container is one row keyed ``<shard rel>#.error``
-(:data:`SHARD_ERROR_SUFFIX`). A :class:`Shard` whose ``keys`` is set yields only those rows (a retry).
+extension. With a manifest (``--input-list``: Parquet, CSV or an S3 Inventory manifest.json) the objects
+it names are the input instead of a listing (:mod:`pipeline.sources.manifest`). Reading never raises for
+a bad input: a problem is a row whose ``error`` starts with ``"read: "``, and a problem with a whole
+container is one row keyed ``<shard rel>#.error`` (:data:`SHARD_ERROR_SUFFIX`). A :class:`Shard` whose
+``keys`` is set yields only those rows (a retry).
 """
 
 from pipeline.config import FORMATS
 from pipeline.rows import SHARD_ERROR_SUFFIX
 from pipeline.sources.base import STREAM_BUFFER_BYTES, Row
-from pipeline.sources.listing import PARQUET_SUFFIXES, TAR_SUFFIXES, Shard, list_shards, shards_to_items
+from pipeline.sources.listing import (
+    PARQUET_SUFFIXES,
+    TAR_SUFFIXES,
+    Shard,
+    list_shards,
+    make_shards,
+    shards_to_items,
+)
+from pipeline.sources.manifest import list_manifest, manifest_pages
 from pipeline.sources.parquet import check_parquet_columns, check_unique_keys, parquet_columns_problem
 from pipeline.sources.read import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -46,7 +56,10 @@ __all__ = [
     "check_parquet_columns",
     "check_unique_keys",
     "is_s3",
+    "list_manifest",
     "list_shards",
+    "make_shards",
+    "manifest_pages",
     "parquet_columns_problem",
     "resolve_uri",
     "shards_to_items",

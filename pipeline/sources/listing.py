@@ -43,7 +43,8 @@ def wanted_keys(shard: Shard) -> frozenset[str] | None:
     return frozenset(shard.keys)
 
 
-def _hidden(rel: str) -> bool:
+def hidden(rel: str) -> bool:
+    """True for a path with a component starting with ``_`` or ``.`` (bookkeeping, never an input)."""
     return any(part.startswith(("_", ".")) for part in rel.split("/"))
 
 
@@ -56,10 +57,18 @@ def _classify(rel: str) -> str:
     return "file"
 
 
-def list_shards(uri: str, format: str = "auto") -> list[Shard]:
-    """Lists the input recursively into shards sorted by ``rel``; InputError when there is nothing to read."""
+def list_shards(uri: str, format: str = "auto", input_list: str | None = None) -> list[Shard]:
+    """Lists the input recursively into shards sorted by ``rel``; InputError when there is nothing to read.
+
+    With ``input_list`` (``--input-list``), the shards are the objects a manifest names instead
+    (:func:`pipeline.sources.manifest.list_manifest`): the input is not listed.
+    """
     if format not in FORMATS:
         raise InputError(f"Unknown input format {format!r}: choose one of {', '.join(FORMATS)}.")
+    if input_list is not None:
+        from pipeline.sources.manifest import list_manifest  # manifest.py builds on this module
+
+        return list_manifest(uri, input_list, format)
     fs, root = resolve_uri(uri)
     try:
         info = fs.get_file_info(root)
@@ -77,7 +86,7 @@ def list_shards(uri: str, format: str = "auto") -> list[Shard]:
                 for i in fs.get_file_info(selector)
                 if i.type == pafs.FileType.File and i.path.startswith(base)
             ]
-            entries = [(i, rel) for i, rel in entries if not _hidden(rel)]
+            entries = [(i, rel) for i, rel in entries if not hidden(rel)]
     except InputError:
         raise
     except (OSError, pa.ArrowException) as e:
@@ -87,7 +96,14 @@ def list_shards(uri: str, format: str = "auto") -> list[Shard]:
         raise InputError(
             f"Input {uri} is empty: no files under it (names starting with '_' or '.' are ignored)."
         )
-    classes = [_classify(rel) for _, rel in entries]
+    return make_shards(uri, [(i.path, rel, int(i.size or 0)) for i, rel in entries], format)
+
+
+def make_shards(uri: str, entries: list[tuple[str, str, int]], format: str = "auto") -> list[Shard]:
+    """Shards of (path, rel, size) entries, sorted by ``rel``: each entry's kind by its extension, the
+    ``--format`` filter, and with ``auto`` the refusal of an input that mixes kinds. ``uri`` names the input
+    in messages; ``entries`` is not empty."""
+    classes = [_classify(rel) for _, rel, _ in entries]
     if format == "auto":
         found = set(classes)
         if len(found) > 1:
@@ -103,11 +119,11 @@ def list_shards(uri: str, format: str = "auto") -> list[Shard]:
         kind, chosen = "file", entries
     else:
         kind = format
-        chosen = [(i, rel) for (i, rel), c in zip(entries, classes, strict=True) if c == kind]
+        chosen = [e for e, c in zip(entries, classes, strict=True) if c == kind]
         if not chosen:
             suffix = TAR_SUFFIXES[0] if kind == "webdataset" else PARQUET_SUFFIXES[0]
             raise InputError(f"Input {uri} has no {suffix} files, which --format {format} reads.")
-    shards = [Shard(path=i.path, rel=rel, kind=kind, size=int(i.size or 0)) for i, rel in chosen]
+    shards = [Shard(path=path, rel=rel, kind=kind, size=size) for path, rel, size in chosen]
     return sorted(shards, key=lambda s: s.rel)
 
 
