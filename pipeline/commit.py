@@ -12,9 +12,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from pipeline.discover import partition_of
 from pipeline.ledger import RunLedger, UnitRecord
 from pipeline.units import Part, Progress, Unit
 
@@ -50,6 +52,10 @@ class Committer:
     """Feed it parts with `add` and call `tick` often; it commits complete units every `interval_s`
     seconds and at `finish`.
 
+    Units are given up front (those the driver made) or, for units the discover stage makes while the run
+    goes on (pipeline/discover.py), learnt from their parts; `finish` checks those against the number of
+    units each listing partition reported.
+
     `stage(units)` turns complete units into UnitRecords whose staged files are ready to move (merging
     parts, in parallel); `move(records, parts)` moves them into place; `check()` raises when this run may
     no longer commit (its output lease was lost). The ledger's record is written between the two.
@@ -69,10 +75,17 @@ class Committer:
         self.interval_s = interval_s
         self.stats = CommitStats()
         self.moving = False  # True from a commit record until its files are in place
+        self.committed_ids: set[int] = set()  # streamed units committed: a part for one again is a bug
+        self.per_partition: Counter[int] = Counter()  # streamed units committed per listing partition
         self._last = time.monotonic()
 
     def add(self, part: Part) -> None:
-        self.units[part.unit].add(part)
+        progress = self.units.get(part.unit)
+        if progress is None:
+            if partition_of(part.unit) is None or part.unit in self.committed_ids:
+                raise RuntimeError(f"a part of unit {part.unit}, which is committed or was never made")
+            progress = self.units[part.unit] = Progress(Unit(part.unit, ()))  # a streamed unit
+        progress.add(part)
         for stage, sec in part.seconds.items():
             self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + sec
         crash_point("part")
@@ -103,13 +116,19 @@ class Committer:
             self.stats.rows += p.written
             self.stats.errors += sum(part.errors for part in p.parts)
             self.stats.retried += len(p.unit.drop)
+            partition = partition_of(u)
+            if partition is not None:
+                self.committed_ids.add(u)
+                self.per_partition[partition] += 1
             del self.units[u]
         self.stats.files += sum(1 for r in records if r.file is not None)
         self.stats.commits += 1
         self._last = time.monotonic()
 
-    def finish(self) -> None:
-        """Commits what is complete; units that produced no row at all (e.g. an empty tar) count as done."""
+    def finish(self, streamed: Mapping[int, int] | None = None) -> None:
+        """Commits what is complete; units that produced no row at all (e.g. an empty tar) count as done.
+        `streamed`: listing partition → units the discover stage made of it, all of which must be committed
+        by now."""
         for p in self.units.values():
             if not p.parts:
                 p.total = 0
@@ -117,3 +136,10 @@ class Committer:
         if self.units:
             lost = {u: (p.written, p.total) for u, p in list(self.units.items())[:5]}
             raise RuntimeError(f"the pipeline ended with incomplete units (written, total): {lost}")
+        missing = {
+            k: (n, self.per_partition[k]) for k, n in (streamed or {}).items() if self.per_partition[k] != n
+        }
+        if missing:
+            raise RuntimeError(
+                f"the pipeline ended before every listed unit arrived (partition: made, committed): {missing}"
+            )

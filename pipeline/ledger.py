@@ -28,18 +28,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.ledger_index import SHARDS_SCHEMA, FileEntry, Index, newest
+from pipeline.ledger_index import SHARDS_SCHEMA, CommittedShards, FileEntry, Index
 from pipeline.sink import STAGING_DIR
 from pipeline.storage import make_dirs, read_json, relative_path, resolve_uri, write_json
 
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"
-LOOKUP_PAGE = 65_536  # shard names checked against the index at a time
 _PART = re.compile(r"^part-.+\.parquet$")
 _COMMIT = re.compile(r"^commit-\d+\.json$")
 
@@ -159,40 +157,17 @@ class Ledger:
             )
         return ledger
 
+    def shards(self) -> CommittedShards:
+        """Which input shards are committed, as workers can ask it (picklable)."""
+        return CommittedShards(self.index or Index(self.output), self.records, list(self.lost))
+
     def done_in(self, rels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """For the sorted shard names `rels`: whether each is committed, and its committed row count. Reads
-        the index a page at a time (only the row groups a page's names fall in)."""
-        done = np.zeros(len(rels), dtype=bool)
-        rows = np.zeros(len(rels), dtype=np.int64)
-        for start in range(0, len(rels), LOOKUP_PAGE):
-            page = rels[start : start + LOOKUP_PAGE]
-            wanted = pa.array(page, pa.string())
-            found = [self.index.lookup(page)] if self.index is not None else []
-            found.append(self.records.filter(pc.is_in(self.records["rel"], value_set=wanted)))
-            table = newest(pa.concat_tables(found), "rel")
-            if self.lost:
-                table = table.filter(pc.invert(pc.is_in(table["file"], value_set=pa.array(self.lost))))
-            at = pc.index_in(wanted, value_set=table["rel"])
-            hit = at.is_valid().to_numpy(zero_copy_only=False)
-            done[start : start + len(page)] = hit
-            if table.num_rows:
-                counts = table["rows"].to_numpy()[pc.fill_null(at, 0).to_numpy()]
-                rows[start : start + len(page)] = np.where(hit, counts, 0)
-        return done, rows
+        """See CommittedShards.done_in."""
+        return self.shards().done_in(rels)
 
     def committed(self) -> dict[str, tuple[int, int]]:
-        """Every committed shard → (rows, errors). Reads the whole index: for tools and tests, not for
-        planning (`done_in`)."""
-        tables = [self.records]
-        if self.index is not None:
-            tables = [self.index.read_all(), *tables]
-        table = newest(pa.concat_tables(tables), "rel")
-        if self.lost:
-            table = table.filter(pc.invert(pc.is_in(table["file"], value_set=pa.array(self.lost))))
-        return {
-            rel: (r, e)
-            for rel, r, e in zip(*(table[c].to_pylist() for c in ("rel", "rows", "errors")), strict=True)
-        }
+        """See CommittedShards.all."""
+        return self.shards().all()
 
     def compact(self, segment: str) -> None:
         """Folds the commit records of earlier runs into the index (as segment `segment`, e.g. this run's

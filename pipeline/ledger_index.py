@@ -21,8 +21,9 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "_ledger"
 ROW_GROUP_ROWS = 65_536
+LOOKUP_PAGE = 65_536  # shard names checked against the index at a time
 MERGE_MAX_ROWS = 20_000_000  # a merge reads both segments into the driver's memory (~100 B per shard)
 
 SHARDS_SCHEMA = pa.schema(
@@ -113,6 +115,9 @@ class Index:
         self.folded: list[str] = state.get("folded", [])  # commit records (relative to the output)
         self._ranges: dict[str, list[tuple[str | None, str | None]]] = {}
         self._cached: dict[str, tuple[int, pa.Table]] = {}  # segment → its last row group read
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_ranges": {}, "_cached": {}}
 
     def _state(self) -> dict:
         try:
@@ -231,3 +236,48 @@ class Index:
             if tmp != path:
                 self.fs.move(tmp, path)
         return Segment(segment, shards.num_rows)
+
+
+@dataclass
+class CommittedShards:
+    """Which input shards are committed: the index's segments, the shard rows of commit records not yet
+    folded into it, and the data files found missing (whose shards count as not done). Picklable, so the
+    workers that list the input ask it page by page."""
+
+    index: Index
+    records: pa.Table = field(default_factory=SHARDS_SCHEMA.empty_table)
+    lost: list[str] = field(default_factory=list)
+
+    def done_in(self, rels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """For the sorted shard names `rels`: whether each is committed, and its committed row count. Reads
+        the index LOOKUP_PAGE names at a time (only the row groups a page's names fall in)."""
+        done = np.zeros(len(rels), dtype=bool)
+        rows = np.zeros(len(rels), dtype=np.int64)
+        for start in range(0, len(rels), LOOKUP_PAGE):
+            page = rels[start : start + LOOKUP_PAGE]
+            wanted = pa.array(page, pa.string())
+            found = [self.index.lookup(page)]
+            if self.records.num_rows:
+                found.append(self.records.filter(pc.is_in(self.records["rel"], value_set=wanted)))
+            table = self._valid(newest(pa.concat_tables(found), "rel"))
+            at = pc.index_in(wanted, value_set=table["rel"])
+            hit = at.is_valid().to_numpy(zero_copy_only=False)
+            done[start : start + len(page)] = hit
+            if table.num_rows:
+                counts = table["rows"].to_numpy()[pc.fill_null(at, 0).to_numpy()]
+                rows[start : start + len(page)] = np.where(hit, counts, 0)
+        return done, rows
+
+    def all(self) -> dict[str, tuple[int, int]]:
+        """Every committed shard → (rows, errors). Reads the whole index: for tools and tests, not for
+        planning (`done_in`)."""
+        table = self._valid(newest(pa.concat_tables([self.index.read_all(), self.records]), "rel"))
+        return {
+            rel: (r, e)
+            for rel, r, e in zip(*(table[c].to_pylist() for c in ("rel", "rows", "errors")), strict=True)
+        }
+
+    def _valid(self, table: pa.Table) -> pa.Table:
+        if not self.lost:
+            return table
+        return table.filter(pc.invert(pc.is_in(table["file"], value_set=pa.array(self.lost, pa.string()))))

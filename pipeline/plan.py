@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, check_sizes
+from pipeline.discover import DiscoverUnits, PartitionReport, stream_above
 from pipeline.embed import ModelSpec
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger
 from pipeline.sink import OutputSpec
 from pipeline.sources import Shard, check_parquet_columns, check_unique_keys, list_shards
+from pipeline.sources.listing import _classify as classify
+from pipeline.sources.walk import Partition, Walker, explore
 from pipeline.storage import resolve_uri
-from pipeline.units import Unit
+from pipeline.units import MAX_FILES_PER_UNIT, Unit
 
 if TYPE_CHECKING:
     from vit.checkpoints import LoadedModel
@@ -44,6 +49,7 @@ class Plan:
     identity: dict[str, str]  # recorded in the ledger and in every data file's footer
     ledger: Ledger  # the output's ledger as read when planning
     retry: list[Unit] = field(default_factory=list)  # --retry-errors; make_units numbers them
+    partitions: list[Partition] = field(default_factory=list)  # a streamed input's (pipeline/discover.py)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -61,14 +67,27 @@ class Plan:
         }
 
     def describe(self) -> str:
-        kinds = sorted({s.kind for s in self.shards}) or ["(nothing new)"]
+        """What --dry-run prints. A streamed input is listed here, on this process, to count it (its keys
+        are counted, not kept)."""
         ident = self.identity
         batch = self.config.batch_size or f"{GPU_BATCH_SIZE} (GPU actors) or {CPU_BATCH_SIZE} (CPU)"
         retry = f"; {sum(len(u.drop) for u in self.retry)} error rows to retry" if self.retry else ""
+        if self.partitions:
+            reports: list[PartitionReport] = []
+            discover = DiscoverUnits(
+                self.config.input, MAX_FILES_PER_UNIT, self.ledger.shards(), report=reports.append
+            )
+            for partition in self.partitions:
+                for _ in discover.units(partition):
+                    pass
+            todo, skipped = sum(r.shards for r in reports), sum(r.skipped_shards for r in reports)
+            kinds = f"file; listed by workers in {len(self.partitions)} partitions"
+        else:
+            todo, skipped = len(self.shards), self.skipped_shards
+            kinds = ", ".join(sorted({s.kind for s in self.shards}) or ["(nothing new)"])
         return "\n".join(
             [
-                f"input:   {self.config.input} ({len(self.shards)} shards to do: {', '.join(kinds)}; "
-                f"{self.skipped_shards} already done{retry})",
+                f"input:   {self.config.input} ({todo} shards to do: {kinds}; {skipped} already done{retry})",
                 f"output:  {self.config.output}",
                 f"model:   {ident['model']} weights={ident['weights']} sha256={ident['weights_sha256'][:16]}",
                 f"         embedding[{self.output.embedding_dim}] {self.output.embedding_dtype}, "
@@ -136,7 +155,8 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     ident = identity(config, loaded, resize_size)
     output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
 
-    shards = list_shards(config.input, config.format, config.input_list)
+    partitions = streamed_partitions(config)
+    shards = [] if partitions else list_shards(config.input, config.format, config.input_list)
     parquet = [s for s in shards if s.kind == "parquet"]
     if parquet:  # the image and key columns, on one file's schema
         check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
@@ -163,10 +183,49 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
         output=output,
         identity=ident,
         ledger=ledger,
+        partitions=partitions,
     )
     if config.retry_errors:
-        result.retry, result.notes = retry_units(ledger, {s.rel: s for s in skipped})
+        listed = {s.rel: s for s in skipped}
+        find = (lambda rels: stat_shards(config.input, rels)) if partitions else (lambda rels: listed)
+        result.retry, result.notes = retry_units(ledger, find)
     return result
+
+
+def streamed_partitions(config: JobConfig) -> list[Partition]:
+    """The listing partitions of an input of more than STREAM_ABOVE loose files, which the discover stage
+    lists in workers (pipeline/discover.py); [] for an input the driver lists itself: fewer files, tar or
+    Parquet shards, a manifest, a single file, or one that cannot be listed (list_shards says why)."""
+    if config.input_list is not None or config.format not in ("auto", "files"):
+        return []
+    try:
+        found = explore(Walker(config.input))
+    except Exception:  # not a directory, missing, denied: list_shards words the error
+        return []
+    if found.complete and found.files <= stream_above():
+        return []
+    if config.format == "auto" and any(classify(rel) != "file" for _, rel, _ in found.sample):
+        return []  # tar or Parquet shards, or a mix that list_shards refuses
+    return found.partitions
+
+
+def stat_shards(input_uri: str, rels: list[str]) -> dict[str, Shard]:
+    """Loose files of the input by name, those that still exist (one request each on S3): the shards of
+    --retry-errors when the input is streamed, hence never listed whole on the driver."""
+    fs, root = resolve_uri(input_uri)
+    infos = fs.get_file_info([f"{root}/{rel}" for rel in rels]) if rels else []
+    return {
+        rel: Shard(path=info.path, rel=rel, kind="file", size=int(info.size or 0))
+        for rel, info in zip(rels, infos, strict=True)
+        if info.type == pafs.FileType.File
+    }
+
+
+def error_keys(ledger: Ledger, file: str) -> list[str]:
+    """The keys of a committed data file's error rows."""
+    fs, root = resolve_uri(ledger.output)
+    table = pq.read_table(f"{root}/{file}", columns=["key", "error"], filesystem=fs)
+    return [k for k, e in zip(table["key"].to_pylist(), table["error"].to_pylist()) if e is not None]
 
 
 def committed_keys(ledger: Ledger) -> set[str]:
@@ -179,21 +238,24 @@ def committed_keys(ledger: Ledger) -> set[str]:
     return keys
 
 
-def retry_units(ledger: Ledger, listed: dict[str, Shard]) -> tuple[list[Unit], list[str]]:
+def retry_units(
+    ledger: Ledger, find: Callable[[list[str]], dict[str, Shard]]
+) -> tuple[list[Unit], list[str]]:
     """--retry-errors: one unit per committed data file holding error rows. It re-reads only the error
-    rows' keys (a shard's `#.error` row: the whole shard) and replaces them in that file. Returns the units
-    (numbered by make_units) and notes for the summary."""
-    fs, root = resolve_uri(ledger.output)
-    units, gone = [], 0
+    rows' keys (a shard's `#.error` row: the whole shard) and replaces them in that file. `find` gives the
+    shards of those names still under the input. Returns the units (numbered by make_units) and notes for
+    the summary."""
+    wanted: list[tuple[str, dict[str, list[str]]]] = []
     for file, entry in sorted(ledger.files.items()):
         if not entry.errors:
             continue  # the ledger counts each file's error rows: no need to open it
-        table = pq.read_table(f"{root}/{file}", columns=["key", "error"], filesystem=fs)
-        keys = [k for k, e in zip(table["key"].to_pylist(), table["error"].to_pylist()) if e is not None]
-        if not keys:
-            continue
+        keys = error_keys(ledger, file)
         # A tar or Parquet shard is a unit alone; loose files share a unit, and a row's key is its path.
-        targets = {entry.first_shard: keys} if entry.shards == 1 else {k: [k] for k in keys}
+        if keys:
+            wanted.append((file, {entry.first_shard: keys} if entry.shards == 1 else {k: [k] for k in keys}))
+    listed = find(sorted({rel for _, targets in wanted for rel in targets}))
+    units, gone = [], 0
+    for file, targets in wanted:
         shards = tuple(
             dataclasses.replace(listed[rel], keys=tuple(ks)) for rel, ks in targets.items() if rel in listed
         )

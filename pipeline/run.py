@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import queue
 import threading
@@ -18,17 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.cluster import ActorStage, actor_stage, ensure_ray, write_batch_rows
+from pipeline.cluster import ActorStage, ReportBox, actor_stage, ensure_ray, send_report, write_batch_rows
 from pipeline.commit import CommitStats, Committer
 from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
+from pipeline.discover import DiscoverUnits, stream_above
 from pipeline.embed import EmbedPatches
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger, RunLedger, UnitRecord
 from pipeline.plan import Plan, plan
 from pipeline.sink import ParquetSink, write_parts
 from pipeline.sources import ReadShards
-from pipeline.units import Part, Progress, Unit, make_units, tag_rows
+from pipeline.units import Part, Progress, Unit, files_per_unit, make_units, tag_rows
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +171,25 @@ def build_dataset(
     actors: ActorStage,
     embedder: Callable | type | None = None,
     embedder_kwargs: dict | None = None,
+    discover: DiscoverUnits | None = None,
 ):
-    """The Ray Data plan: units → read+decode (CPU tasks) → embed (actors) → write parts (CPU tasks)."""
+    """The Ray Data plan: units → read+decode (CPU tasks) → embed (actors) → write parts (CPU tasks); with
+    `discover`, listing partitions → units (CPU tasks) first."""
     import ray
 
     # Units in and parts out are Python objects, which Ray Data stores pickled: said here, before the first
     # block is made, so that it does not warn that it cannot make an Arrow column of them.
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
-    items = [{"unit": unit} for unit in units]
+    items: list[dict[str, Any]]
+    if discover is None:
+        items = [{"unit": unit} for unit in units]
+    else:  # the discover stage lists the partitions into units, and passes the driver's units through
+        items = [{"partition": p} for p in [*units, *job.partitions]]
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
+    if discover is not None:
+        # One unit per block (the repartition is fused into the discover tasks): each unit is its own
+        # read+decode task, and leaves its discover task as soon as it is formed.
+        ds = ds.map_batches(discover, batch_size=1).repartition(target_num_rows_per_block=1)
     # Ray Data gathers a task's output batches into blocks of target_max_block_size (128 MiB by default)
     # before passing them on: a unit's decoded rows would then reach the model only when the whole unit is
     # done, and sit in the task's memory until then. Sized to just under one read batch's decoded rows,
@@ -315,6 +327,21 @@ def _parts(ds: Any) -> Iterator[Part | None]:
         yield item
 
 
+def _streamed(job: Plan, box: Any) -> dict[int, int] | None:
+    """Units made per listing partition, from the discover stage's reports; adds what it skipped to `job`.
+    None when the driver made every unit."""
+    if box is None:
+        return None
+    import ray
+
+    reports = ray.get(box.all.remote())
+    if len(reports) != len(job.partitions):
+        raise RuntimeError(f"{len(job.partitions) - len(reports)} listing partitions never reported")
+    job.skipped_shards += sum(r.skipped_shards for r in reports)
+    job.skipped_rows += sum(r.skipped_rows for r in reports)
+    return {r.partition: r.units for r in reports}
+
+
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -351,12 +378,20 @@ def _run(
     job = plan(config, lease)
     job.ledger.recover()  # finish or remove what an interrupted run left, before writing anything
     job.ledger.compact(run_id)  # fold earlier runs' commit records into the ledger's index
-    if not job.shards and not job.retry:
+    if not job.shards and not job.retry and not job.partitions:
         return Summary.of(config, run_id, job, time.perf_counter() - start)
     ensure_ray(num_cpus)
 
     actors = actor_stage(config, job)
     units = make_units(job.shards, actors.task_slots, retry=job.retry)
+    discover, box = None, None
+    if job.partitions:  # the discover tasks read the index, which holds every committed shard by now
+        import ray
+
+        box = ray.remote(num_cpus=0)(ReportBox).remote()
+        per_unit = files_per_unit(stream_above(), actors.task_slots)
+        report = functools.partial(send_report, box)
+        discover = DiscoverUnits(config.input, per_unit, job.ledger.shards(), report)
     sink = ParquetSink(config.output, job.output, run_id, {**job.identity, "run_id": run_id})
     run_ledger = RunLedger(config.output, run_id)
     run_ledger.start({"run_id": run_id, "started_at": started_at, "identity": job.identity})
@@ -369,14 +404,14 @@ def _run(
         interval_s=config.commit_interval_s,
         check=lease.check,
     )
-    ds = build_dataset(config, job, units, sink, actors, embedder, embedder_kwargs)
+    ds = build_dataset(config, job, units, sink, actors, embedder, embedder_kwargs, discover)
     try:
         for part in _parts(ds):
             if part is None:
                 committer.tick()
             else:
                 committer.add(part)
-        committer.finish()
+        committer.finish(_streamed(job, box))
     finally:
         movers.shutdown()
         if not committer.moving:  # committed units still staged are moved into place by the next run

@@ -117,8 +117,8 @@ class Progress:
     def shard_counts(self) -> dict[str, tuple[int, int]]:
         """(rows, errors) per input shard of the unit, added up over its parts."""
         counts: dict[str, tuple[int, int]] = {rel: (0, 0) for rel in self.unit.rels}
-        for part in self.parts:
+        for part in self.parts:  # a streamed unit (pipeline/discover.py) is known by its parts' shards
             for rel, (r, e) in part.shards.items():
-                r0, e0 = counts[rel]
+                r0, e0 = counts.get(rel, (0, 0))
                 counts[rel] = (r0 + r, e0 + e)
         return counts

@@ -147,7 +147,7 @@ def test_done_in_pages_give_the_same_answer(tmp_path: Path, monkeypatch):
     ledger = _fold(tmp_path, "r2")
     probe = [f"{i:06d}.jpg" for i in range(3000)]
     whole = ledger.done_in(probe)
-    monkeypatch.setattr("pipeline.ledger.LOOKUP_PAGE", 7)
+    monkeypatch.setattr(ledger_index, "LOOKUP_PAGE", 7)
     paged = ledger.done_in(probe)
     assert np.array_equal(whole[0], paged[0]) and np.array_equal(whole[1], paged[1])
     assert int(whole[0].sum()) == 1000

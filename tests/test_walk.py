@@ -1,0 +1,121 @@
+"""Listing partitions and sorted pages (pipeline/sources/walk.py), locally and on S3 (moto)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+
+from pipeline.sources import list_shards
+from pipeline.sources import walk as walk_module
+from pipeline.sources.walk import Partition, Walker, explore
+
+# Names whose string order differs from a per-directory walk's: 'a.txt' < 'a/x' < 'a0', plus characters
+# that URLs and S3 tools treat specially, and non-ASCII.
+NAMES = [
+    "a.txt",
+    "a/x.jpg",
+    "a/b/c.jpg",
+    "a0.jpg",
+    "b/%41 #1?.jpg",
+    "b/+ plus.jpg",
+    "b/é.jpg",
+    "c/d/e/f.jpg",
+    "c/d/g.jpg",
+    "top.jpg",
+]
+HIDDEN = ["_staging/x.jpg", ".git/y.jpg", "b/.hidden.jpg", "b/_tmp.jpg"]
+
+
+def _tree(root: Path, names: list[str]) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x" * len(name))
+
+
+def _all_pages(walker: Walker, partitions: list[Partition], size: int = 3) -> list[str]:
+    rels = []
+    for p in partitions:
+        for page in walker.pages(p, size=size):
+            assert [rel for _, rel, _ in page] == sorted(rel for _, rel, _ in page)
+            rels += [rel for _, rel, _ in page]
+    return rels
+
+
+@pytest.fixture()
+def local_tree(tmp_path: Path) -> Path:
+    _tree(tmp_path / "in", NAMES + HIDDEN)
+    (tmp_path / "elsewhere").mkdir()
+    _tree(tmp_path / "elsewhere", ["linked.jpg"])
+    os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "linkdir")  # not entered, as list_shards
+    return tmp_path / "in"
+
+
+def test_a_recursive_walk_is_in_string_order_and_matches_the_driver_listing(local_tree: Path):
+    walker = Walker(str(local_tree))
+    rels = _all_pages(walker, [Partition(0, "", recursive=True)])
+    assert rels == sorted(NAMES) == [s.rel for s in list_shards(str(local_tree), "files")]
+    entry = next(e for page in walker.pages(Partition(0, "b/", True)) for e in page if e[1] == "b/é.jpg")
+    assert entry == (str(local_tree / "b" / "é.jpg"), "b/é.jpg", len("b/é.jpg"))
+
+
+@pytest.mark.parametrize("entries", [2, 4, 6, 100])
+@pytest.mark.parametrize("target", [1, 2, 3, 5, 100])
+def test_partitions_cover_every_file_once_whatever_the_split(
+    local_tree: Path, target: int, entries: int, monkeypatch
+):
+    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", entries)  # a larger directory is left whole
+    found = explore(Walker(str(local_tree)), target)
+    assert sorted(_all_pages(Walker(str(local_tree)), found.partitions)) == sorted(NAMES)
+    assert [p.id for p in found.partitions] == list(range(len(found.partitions)))
+    assert found.files <= len(NAMES)
+    if entries >= 6 and target == 100:  # every directory explored: one partition per directory with files
+        assert [(p.prefix, p.recursive) for p in found.partitions] == [
+            ("", False),
+            ("a/", False),
+            ("a/b/", False),
+            ("b/", False),
+            ("c/d/", False),
+            ("c/d/e/", False),
+        ]
+
+
+def test_exploring_a_small_tree_sees_all_of_it(local_tree: Path):
+    found = explore(Walker(str(local_tree)), target=100)
+    assert found.complete and found.files == len(NAMES)
+    assert all(not p.recursive for p in found.partitions)
+    assert sorted(rel for _, rel, _ in found.sample) == sorted(NAMES)
+
+
+def test_a_directory_too_large_to_explore_is_left_to_a_worker(local_tree: Path, monkeypatch):
+    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", 5)  # the root has 3 files and 3 directories
+    found = explore(Walker(str(local_tree)), target=100)
+    assert not found.complete and found.partitions == [Partition(0, "", True)]
+
+
+def test_s3_pages_and_partitions_match_the_local_ones(s3_server: str, s3_bucket: str, monkeypatch):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for name in NAMES + HIDDEN:
+        s3.put_object(Bucket=s3_bucket, Key=f"in/{name}", Body=b"x" * len(name))
+    s3.put_object(Bucket=s3_bucket, Key="in/dirmarker/", Body=b"")  # a console 'folder'
+    s3.put_object(Bucket=s3_bucket, Key="inside.jpg", Body=b"x")  # shares the prefix, not the directory
+    uri = f"s3://{s3_bucket}/in"
+    walker = Walker(uri)
+    rels = _all_pages(walker, [Partition(0, "", recursive=True)])
+    assert rels == sorted(NAMES) == [s.rel for s in list_shards(uri, "files")]
+    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", 3)
+    for target in (1, 3, 100):
+        found = explore(Walker(uri), target)
+        assert sorted(_all_pages(walker, found.partitions)) == sorted(NAMES)
+    path, rel, size = next(e for page in walker.pages(Partition(0, "b/", False)) for e in page)
+    assert (path, rel, size) == (f"{s3_bucket}/in/b/%41 #1?.jpg", "b/%41 #1?.jpg", len("b/%41 #1?.jpg"))
+
+
+def test_first_gives_the_first_files_and_says_if_that_is_all(local_tree: Path):
+    walker = Walker(str(local_tree))
+    entries, complete = walker.first(4)
+    assert [rel for _, rel, _ in entries] == sorted(NAMES)[:4] and not complete
+    entries, complete = walker.first(100)
+    assert len(entries) == len(NAMES) and complete
