@@ -180,7 +180,7 @@ def current_commit_all(input: str, output: str, task_slots: float, units_per_com
     the rows): plan, make_units, RunLedger.start, record_commit per commit interval, data files placed,
     RunLedger.finish."""
     from pipeline.config import JobConfig
-    from pipeline.ledger import RunLedger, UnitRecord
+    from pipeline.ledger import RunLedger, UnitRecord, compact_output
     from pipeline.plan import plan
     from pipeline.run import new_run_id
     from pipeline.sink import ParquetSink
@@ -217,6 +217,7 @@ def current_commit_all(input: str, output: str, task_slots: float, units_per_com
             "summary": {"rows": len(job.shards), "synthetic": True},
         }
     )
+    compact_output(output, f"{run_id}-end")  # as a run does at its end: the records into the ledger's index
     return {
         "seconds": time.perf_counter() - start,
         "units": len(units),
@@ -231,12 +232,64 @@ def current_list_uri(uri: str) -> int:
     return len(list_shards(uri))
 
 
+def streamed_plan(input: str, output: str) -> dict[str, Any]:
+    """`pipeline.plan.plan` for an input listed in workers, and the listing that `--dry-run` then runs in this
+    process to count it (the discover stage's code, one partition after another, keys counted not kept)."""
+    os.environ["VIT_EMBED_STREAM_ABOVE"] = "0"
+    import pipeline.plan as planning
+    from pipeline.config import JobConfig
+    from pipeline.discover import DiscoverUnits, PartitionReport
+    from pipeline.units import MAX_FILES_PER_UNIT
+
+    start = time.perf_counter()
+    job = planning.plan(JobConfig(input=input, output=output, **MODEL))  # type: ignore[arg-type]
+    planned = time.perf_counter() - start
+    rss_planned = rss_bytes()
+    reports: list[PartitionReport] = []
+    stage = DiscoverUnits(input, MAX_FILES_PER_UNIT, job.ledger.shards(), reports.append)
+    head = []
+    for partition in job.partitions:
+        for unit in stage.units(partition):
+            head += [s.rel for s in unit.shards[: 3 - len(head)]]
+    seconds = time.perf_counter() - start
+    todo, skipped = sum(r.shards for r in reports), sum(r.skipped_shards for r in reports)
+    return {
+        "seconds": seconds,
+        "listed": todo + skipped,
+        "todo": todo,
+        "skipped": skipped,
+        "skipped_rows": sum(r.skipped_rows for r in reports),
+        "todo_rels_head": head,
+        "phases": {"plan": planned, "list": seconds - planned},
+        "rss_after": {"plan": rss_planned},
+        "partitions": len(job.partitions),
+    }
+
+
+def driver_planner(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with every input listed on the driver, whatever its size."""
+
+    def wrapper(*args: Any) -> Any:
+        os.environ["VIT_EMBED_STREAM_ABOVE"] = str(10**15)
+        return fn(*args)
+
+    return wrapper
+
+
 VARIANTS = {
-    "current": Variant(
-        "current",
-        "pipeline.plan.plan: one sorted listing in the driver, the whole ledger read into dicts",
-        current_plan,
-        current_commit_all,
+    "driver": Variant(
+        "driver",
+        "the driver lists the input (one sorted listing) and checks it against the ledger's index",
+        driver_planner(current_plan),
+        driver_planner(current_commit_all),
+        current_list_uri,
+    ),
+    "streamed": Variant(
+        "streamed",
+        "the driver explores directories into listing partitions; each is listed in sorted pages and "
+        "checked against the ledger's index page by page (here in one process, as --dry-run does)",
+        streamed_plan,
+        driver_planner(current_commit_all),
         current_list_uri,
     ),
 }
@@ -262,13 +315,61 @@ def boto3_parallel_list(uri: str, threads: int) -> int:
         return loose + sum(pool.map(count, prefixes))
 
 
+RUN_PLANNERS = {  # VIT_EMBED_STREAM_ABOVE for each planner of a full run
+    "driver": str(10**15),  # the driver lists the input and makes every unit (the small-input path)
+    "streamed": "0",  # listing partitions, listed by the discover stage in workers
+}
+
+
+def full_run(input: str, output: str, planner: str) -> dict[str, Any]:
+    """`pipeline.run.run` with the fake model on 2 CPUs (a local Ray started by the run, as `python
+    jobs/embed.py` does): its summary, the seconds until the first data file is committed (a thread polls
+    the output), and the driver's RSS."""
+    import threading
+
+    os.environ["VIT_EMBED_STREAM_ABOVE"] = RUN_PLANNERS[planner]
+    from pipeline.config import JobConfig
+    from pipeline.embed import FakeEmbedPatches
+    from pipeline.run import run
+
+    start = time.perf_counter()
+    first: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if os.path.isdir(output) and any(e.name.startswith("part-") for e in os.scandir(output)):
+                first.append(time.perf_counter() - start)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    config = JobConfig(input=input, output=output, commit_interval_s=1.0, **MODEL)  # type: ignore[arg-type]
+    summary = run(
+        config,
+        embedder=FakeEmbedPatches,
+        embedder_kwargs={"embedding_dim": 192, "num_classes": 1000},
+        num_cpus=2,
+    )
+    stop.set()
+    return {
+        "seconds": time.perf_counter() - start,
+        "first_row_s": first[0] if first else None,
+        "rows": summary.processed,
+        "skipped": summary.skipped,
+        "files": summary.files,
+        "stage_seconds": summary.stage_seconds,
+    }
+
+
 def child_main(task: dict[str, Any]) -> dict[str, Any]:
     """Runs one measurement in this (fresh) process; the parent reads the JSON printed last."""
     op = task["op"]
     if op in ("plan", "commit_all", "list_uri"):
         import pipeline.plan  # noqa: F401  the same modules in every planning child, baseline included
 
-    variant = VARIANTS.get(task.get("variant", "current"))
+    variant = VARIANTS.get(task.get("variant", "driver"))
     assert variant is not None
     rss0 = rss_bytes()
     if op == "plan":
@@ -287,6 +388,8 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         out = {"listed": boto3_parallel_list(task["uri"], task["threads"])}
         out["seconds"] = time.perf_counter() - start
+    elif op == "run":
+        out = full_run(task["input"], task["output"], task["planner"])
     elif op == "ledger":
         from pipeline.ledger import Ledger, UnitRecord
 
@@ -295,7 +398,7 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         for record in Path(task["output"], "_runs").glob("*/commit-*.json"):
             units += [sorted(UnitRecord.from_json(u).shards) for u in json.loads(record.read_text())["units"]]
         out = {
-            "done": sorted([rel, r, e] for rel, (r, e) in ledger.done.items()),
+            "done": sorted([rel, r, e] for rel, (r, e) in ledger.committed().items()),
             "files": len(ledger.files),
             "pending": len(ledger.pending),
             "lost": len(ledger.lost),
@@ -458,6 +561,46 @@ TABLE_HEAD = (
     "| above baseline MiB | bytes/object | model / list / ledger / rest s | files opened |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+# ---- full runs
+
+
+def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """Per planner and size: a full run with the fake model into an empty output, then 1 % new files (new
+    directories) and the same run again."""
+    rows = []
+    for planner in args.run_planners:
+        for size in args.runs:
+            tree, out = workdir / f"run-in-{size}", workdir / f"run-out-{size}"
+            make_files(tree, 0, size, args.per_dir)
+            try:
+                for case, committed in (("first run", 0), ("rerun +1%", size)):
+                    if committed:
+                        make_files(tree, size + args.per_dir, max(1, size // 100), args.per_dir)
+                    task = {"op": "run", "planner": planner, "input": str(tree), "output": str(out)}
+                    res = run_child(task)
+                    rows.append({"planner": planner, "size": size, "case": case, **res})
+                    print_run_row(rows[-1])
+            finally:
+                shutil.rmtree(tree, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+RUN_HEAD = (
+    "| planner | objects | case | rows written | skipped | first committed row s | total s | rows/s "
+    "| driver peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def print_run_row(r: dict) -> None:
+    first = f"{r['first_row_s']:.1f}" if r["first_row_s"] is not None else "—"
+    print(
+        f"| {r['planner']} | {human(r['size'])} | {r['case']} | {r['rows']:,} | {r['skipped']:,} | {first} "
+        f"| {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {r['peak_rss'] / 2**20:,.0f} |",
+        flush=True,
+    )
 
 
 # ---- S3
@@ -652,7 +795,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--planner", choices=sorted(VARIANTS), default=["current"], nargs="+", help="variants to measure"
+        "--planner",
+        choices=sorted(VARIANTS),
+        default=["driver", "streamed"],
+        nargs="+",
+        help="variants to measure",
     )
     p.add_argument(
         "--sizes",
@@ -687,6 +834,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--validate", type=int, default=0, metavar="N", help="compare with a real run on N JPEGs first"
     )
+    p.add_argument(
+        "--runs",
+        type=lambda s: [parse_size(x) for x in s.split(",") if x],
+        default=[],
+        help="comma-separated input sizes for full runs with the fake model, e.g. 100k,1M (default none)",
+    )
+    p.add_argument(
+        "--run-planners",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["driver", "streamed"],
+        help=f"planners of the full runs, of {', '.join(RUN_PLANNERS)} (default both)",
+    )
     p.add_argument("--workdir", help="where to make the trees (default: a new directory under $TMPDIR)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -719,6 +878,10 @@ def main(argv: list[str] | None = None) -> int:
             report["baseline"][variant] = base
             report["local"] += rows
         report["growth"] = growth(report["local"])
+        report["runs"] = []
+        if args.runs:
+            print(RUN_HEAD, flush=True)
+            report["runs"] = runs_benchmark(args, workdir)
         report["s3"] = []
         if args.s3_objects or args.s3_endpoint:
             for variant in args.planner:
@@ -742,6 +905,21 @@ def main(argv: list[str] | None = None) -> int:
             f"(×{g['objects']:g} objects): seconds ×{g['seconds']:.1f}, driver memory above baseline "
             f"×{g['above_baseline']:.1f}, Ledger.read seconds ×{g['ledger_seconds']:.1f}"
         )
+    if report["runs"]:
+        print(RUN_HEAD)
+        for r in report["runs"]:
+            print_run_row(r)
+        for planner in args.run_planners:
+            mine = sorted((r for r in report["runs"] if r["planner"] == planner), key=lambda r: r["size"])
+            for case in ("first run", "rerun +1%"):
+                these = [r for r in mine if r["case"] == case]
+                for r in these[1:]:
+                    small = these[0]
+                    print(
+                        f"{planner}, {case}: {human(r['size'])} vs {human(small['size'])}: driver peak RSS "
+                        f"×{r['peak_rss'] / small['peak_rss']:.2f}, first committed row "
+                        f"×{(r['first_row_s'] or 0) / max(1e-9, small['first_row_s'] or 0):.2f}"
+                    )
     if report["s3"]:
         print("\n| lister | objects | seconds | objects/s | peak RSS MiB |\n|---|---|---|---|---|")
         for r in report["s3"]:

@@ -169,12 +169,13 @@ class Ledger:
         """See CommittedShards.all."""
         return self.shards().all()
 
-    def compact(self, segment: str) -> None:
-        """Folds the commit records of earlier runs into the index (as segment `segment`, e.g. this run's
-        id) and deletes them. Run it while holding the output's lease, after `recover`."""
+    def compact(self, segment: str, delete: bool = True) -> None:
+        """Folds the commit records not yet in the index into it (as segment `segment`) and deletes them
+        (`delete=False`: they stay, skipped by readers, until the next fold). Run it while holding the
+        output's lease, after `recover`."""
         if self.index is None:
             self.index = Index(self.output)
-        self.index.fold(self.records, self.record_paths, segment)
+        self.index.fold(self.records, self.record_paths, segment, delete)
         self.records, self.record_paths = SHARDS_SCHEMA.empty_table(), []
 
     def check_identity(self, identity: dict[str, str]) -> None:
@@ -236,6 +237,12 @@ def _units(record: dict) -> list[UnitRecord]:
     return [UnitRecord(f, None, shards if i == 0 else {}) for i, f in enumerate(files)] or [
         UnitRecord(None, None, shards)
     ]
+
+
+def compact_output(output: str, segment: str) -> None:
+    """Folds the output's commit records into its index, leaving them in place until the next fold (what a
+    run does at its end: its records stay readable); hold the output's lease."""
+    Ledger.read(output).compact(segment, delete=False)
 
 
 class RunLedger:

@@ -186,11 +186,12 @@ class Index:
 
     # Writing (holding the output's lease) -----------------------------------------------------------
 
-    def fold(self, records: pa.Table, record_paths: list[str], segment: str) -> None:
+    def fold(self, records: pa.Table, record_paths: list[str], segment: str, delete: bool = True) -> None:
         """Writes `records` (shard rows of the commit records at `record_paths`, oldest first) as a new
         segment named `segment`, merges segments, points index.json at the result, then deletes the folded
-        records and every index file that index.json no longer names. Each step is safe to crash after: an
-        unnamed segment is removed by the next fold, a folded record still present is skipped by readers."""
+        records (`delete=False`: the next fold does) and every index file that index.json no longer names.
+        Each step is safe to crash after: an unnamed segment is removed by the next fold, a folded record
+        still present is skipped by readers."""
         root = self.dir.rsplit("/", 1)[0]
         for path in self.folded:  # left by a fold that crashed before deleting them
             storage.delete_file(self.fs, f"{root}/{path}")
@@ -218,7 +219,7 @@ class Index:
         self.segments, self.folded = segments, record_paths
         self._ranges.clear()
         self._cached.clear()
-        for path in record_paths:
+        for path in record_paths if delete else []:
             storage.delete_file(self.fs, f"{root}/{path}")
         keep = {f"{s.name}.{t}.parquet" for s in segments for t in ("shards", "files")} | {"index.json"}
         for info in self.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True)):

@@ -26,7 +26,7 @@ from pipeline.decode import DecodePatches
 from pipeline.discover import DiscoverUnits, stream_above
 from pipeline.embed import EmbedPatches
 from pipeline.lease import OutputLease
-from pipeline.ledger import Ledger, RunLedger, UnitRecord
+from pipeline.ledger import Ledger, RunLedger, UnitRecord, compact_output
 from pipeline.plan import Plan, plan
 from pipeline.sink import ParquetSink, write_parts
 from pipeline.sources import ReadShards
@@ -342,6 +342,21 @@ def _streamed(job: Plan, box: Any) -> dict[int, int] | None:
     return {r.partition: r.units for r in reports}
 
 
+def _fold_this_run(output: str, run_id: str) -> None:
+    """Folds this run's commit records into the ledger's index in a Ray task (its memory grows with the
+    run's shards: not the driver's), so that the next run plans from the index alone. A failure leaves the
+    records for the next run to fold."""
+    import ray
+
+    try:
+        fold = ray.remote(num_cpus=0, max_retries=1)(compact_output)
+        ray.get(fold.remote(output, f"{run_id}-end"))
+    except Exception as e:  # the rows are committed either way
+        log.warning(
+            "could not fold the run's commit records into the ledger's index (the next run will): %s", e
+        )
+
+
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -426,6 +441,7 @@ def _run(
             "summary": summary.to_json(),
         }
     )
+    _fold_this_run(config.output, run_id)
     if summary.error_rate > config.max_error_rate:
         summary.notes.append(
             f"Error rate {summary.error_rate:.2%} is above --max-error-rate {config.max_error_rate:.2%}: the "

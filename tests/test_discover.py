@@ -177,3 +177,31 @@ def test_a_driver_killed_while_the_listing_streams_then_rerun_writes_every_key_o
     final = _keys(out)
     assert sorted(final) == sorted(names), "rows lost or written twice"
     assert summary.skipped > 0 and summary.processed + summary.skipped == len(names)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_discover_task_that_dies_mid_listing_is_retried_and_every_key_is_written_once(
+    tmp_path: Path, ray_local: None, monkeypatch
+):
+    """Ray runs the task again; the retry forms the same units, and none is read or committed twice."""
+    src, out, marker = tmp_path / "in", tmp_path / "out", tmp_path / "died-once"
+    names = _names(3, 12)
+    _images(src, names)
+
+    class DiesOnce(DiscoverUnits):  # defined in the test: Ray pickles it by value
+        def units(self, partition):
+            for n, unit in enumerate(super().units(partition)):
+                if n == 2 and not marker.exists():
+                    marker.touch()
+                    os._exit(1)  # the worker process dies after its partition's first two units
+                yield unit
+
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "0")
+    monkeypatch.setattr("pipeline.run.DiscoverUnits", DiesOnce)
+    monkeypatch.setattr("pipeline.run.files_per_unit", lambda n, slots: 3)
+    summary = run(_config(src, out), embedder=FakeEmbedPatches, embedder_kwargs=FAKE)
+    assert marker.exists(), "the fault was injected"
+    keys = _keys(out)
+    assert sorted(keys) == sorted(names), "rows lost or written twice"
+    assert summary.processed == len(names)

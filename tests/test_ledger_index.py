@@ -151,3 +151,18 @@ def test_done_in_pages_give_the_same_answer(tmp_path: Path, monkeypatch):
     paged = ledger.done_in(probe)
     assert np.array_equal(whole[0], paged[0]) and np.array_equal(whole[1], paged[1])
     assert int(whole[0].sum()) == 1000
+
+
+def test_a_run_folds_its_own_records_at_its_end_and_keeps_them_until_the_next_fold(tmp_path: Path):
+    from pipeline.ledger import compact_output
+
+    _commit(tmp_path, "r1", {"part-1.parquet": {"a": (1, 0)}})
+    compact_output(str(tmp_path), "r1-end")
+    records = list((tmp_path / "_runs").rglob("commit-*.json"))
+    assert len(records) == 1, "the run's records stay readable"
+    ledger = Ledger.read(str(tmp_path))
+    assert ledger.record_paths == [] and ledger.committed() == {"a": (1, 0)}, "and are not counted twice"
+    _commit(tmp_path, "r2", {"part-2.parquet": {"b": (1, 0)}})
+    ledger = _fold(tmp_path, "r3")
+    assert not list((tmp_path / "_runs" / "r1").glob("commit-*.json"))
+    assert ledger.committed() == {"a": (1, 0), "b": (1, 0)}
