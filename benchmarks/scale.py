@@ -324,7 +324,7 @@ RUN_PLANNERS = {  # VIT_EMBED_STREAM_ABOVE for each planner of a full run
 def full_run(input: str, output: str, planner: str) -> dict[str, Any]:
     """`pipeline.run.run` with the fake model on 2 CPUs (a local Ray started by the run, as `python
     jobs/embed.py` does): its summary, the seconds until the first data file is committed (a thread polls
-    the output), and the driver's RSS."""
+    the output for a data file it did not hold before), and the driver's RSS."""
     import threading
 
     os.environ["VIT_EMBED_STREAM_ABOVE"] = RUN_PLANNERS[planner]
@@ -336,9 +336,13 @@ def full_run(input: str, output: str, planner: str) -> dict[str, Any]:
     first: list[float] = []
     stop = threading.Event()
 
+    before = set(os.listdir(output)) if os.path.isdir(output) else set()
+
     def watch() -> None:
         while not stop.is_set():
-            if os.path.isdir(output) and any(e.name.startswith("part-") for e in os.scandir(output)):
+            if os.path.isdir(output) and any(
+                e.name.startswith("part-") and e.name not in before for e in os.scandir(output)
+            ):
                 first.append(time.perf_counter() - start)
                 return
             time.sleep(0.05)
@@ -381,6 +385,16 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
     elif op == "list_uri":
         start = time.perf_counter()
         out = {"listed": variant.list_uri(task["uri"])}
+        out["seconds"] = time.perf_counter() - start
+    elif op == "streamed_list":
+        from pipeline.sources.walk import Walker, explore
+
+        start = time.perf_counter()
+        walker = Walker(task["uri"])
+        partitions = explore(walker).partitions
+        with cf.ThreadPoolExecutor(task["threads"]) as pool:
+            counts = pool.map(lambda p: sum(len(page) for page in walker.pages(p)), partitions)
+            out = {"listed": sum(counts), "partitions": len(partitions)}
         out["seconds"] = time.perf_counter() - start
     elif op == "boto3_parallel":
         import boto3  # noqa: F401  imported before timing, like pipeline.plan in the others
@@ -633,7 +647,7 @@ server.stop()
 
 def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
     env = {**os.environ}
-    server = None
+    server, proxy = None, None
     uri = f"s3://{S3_BUCKET}/in"
     if args.s3_endpoint:
         env["AWS_ENDPOINT_URL"] = args.s3_endpoint
@@ -659,10 +673,22 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
         print(
             f"moto: {n:,} objects over {S3_PREFIXES} prefixes in {time.perf_counter() - t0:.0f} s", flush=True
         )
+        if args.s3_latency_ms:  # every request waits this long in a proxy before moto answers it
+            sys.path.insert(0, str(ROOT / "tests"))
+            import s3_proxy
+
+            s3_proxy.DELAY_S = args.s3_latency_ms / 1000
+            proxy = s3_proxy.FaultProxy(env["AWS_ENDPOINT_URL"], lambda method, target, attempt: "delay")
+            proxy.start()
+            env["AWS_ENDPOINT_URL"] = proxy.endpoint
     try:
         rows = []
         for name, task in (
             (f"{variant}: list_shards (sequential)", {"op": "list_uri", "variant": variant, "uri": uri}),
+            (
+                f"streamed: explore, then {S3_THREADS} partitions at a time ({S3_THREADS} discover tasks)",
+                {"op": "streamed_list", "uri": uri, "threads": S3_THREADS},
+            ),
             (
                 f"reference: boto3, {S3_PREFIXES} prefixes, {S3_THREADS} threads",
                 {"op": "boto3_parallel", "uri": uri, "threads": S3_THREADS},
@@ -688,6 +714,8 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
             raise RuntimeError(f"S3 listings found {[r['objects'] for r in rows]}, not {n}")
         return rows
     finally:
+        if proxy is not None:
+            proxy.stop()
         if server is not None:
             assert server.stdin is not None
             server.stdin.close()
@@ -829,6 +857,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--s3-endpoint", help="list a real endpoint instead of moto (credentials from the environment)"
     )
     p.add_argument(
+        "--s3-latency-ms",
+        type=float,
+        default=0,
+        help="with moto: hold every request this long in a proxy, a real endpoint's round trip (default 0)",
+    )
+    p.add_argument(
         "--s3-uri", help="with --s3-endpoint: the s3://bucket/prefix to list (16 prefixes under it)"
     )
     p.add_argument(
@@ -927,9 +961,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['lister']} | {r['objects']:,} | {r['seconds']:.1f} | {r['objects_per_s']:,.0f} "
                 f"| {r['peak_rss'] / 2**20:,.0f} |"
             )
-        for i in range(0, len(report["s3"]), 2):
-            seq, par = report["s3"][i : i + 2]
-            print(f"parallel ÷ sequential objects/s: {par['objects_per_s'] / seq['objects_per_s']:.2f}")
+        for i in range(0, len(report["s3"]), 3):
+            seq, streamed, ref = report["s3"][i : i + 3]
+            print(
+                f"objects/s ÷ sequential: streamed {streamed['objects_per_s'] / seq['objects_per_s']:.2f}, "
+                f"boto3 reference {ref['objects_per_s'] / seq['objects_per_s']:.2f}"
+            )
     if "validation" in report:
         v = report["validation"]
         verdict = "indistinguishable" if v["indistinguishable"] else v["same"]

@@ -25,7 +25,7 @@ from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger
 from pipeline.sink import OutputSpec
 from pipeline.sources import Shard, check_parquet_columns, check_unique_keys, list_shards
-from pipeline.sources.listing import _classify as classify
+from pipeline.sources.listing import classify
 from pipeline.sources.walk import Partition, Walker, explore
 from pipeline.storage import resolve_uri
 from pipeline.units import MAX_FILES_PER_UNIT, Unit
@@ -193,18 +193,27 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
 
 
 def streamed_partitions(config: JobConfig) -> list[Partition]:
-    """The listing partitions of an input of more than STREAM_ABOVE loose files, which the discover stage
-    lists in workers (pipeline/discover.py); [] for an input the driver lists itself: fewer files, tar or
-    Parquet shards, a manifest, a single file, or one that cannot be listed (list_shards says why)."""
+    """The listing partitions of an input of more than `stream_above()` loose files, which the discover
+    stage lists in workers (pipeline/discover.py); [] for an input the driver lists itself: fewer files,
+    tar or Parquet shards, a manifest, a single file, or one that cannot be listed (list_shards says why).
+
+    The driver explores the input's directories; when that does not see all of it, it lists the input's
+    first `stream_above()` files (in name order) to tell a small input from a large one."""
     if config.input_list is not None or config.format not in ("auto", "files"):
         return []
+    limit = stream_above()
     try:
-        found = explore(Walker(config.input))
+        walker = Walker(config.input)
+        found = explore(walker)
+        sample, small = found.sample, found.complete and found.files <= limit
+        if not found.complete and limit > 0:
+            first, small = walker.first(limit)
+            sample = first[: len(sample)] or sample
     except Exception:  # not a directory, missing, denied: list_shards words the error
         return []
-    if found.complete and found.files <= stream_above():
+    if small:
         return []
-    if config.format == "auto" and any(classify(rel) != "file" for _, rel, _ in found.sample):
+    if config.format == "auto" and any(classify(rel) != "file" for _, rel, _ in sample):
         return []  # tar or Parquet shards, or a mix that list_shards refuses
     return found.partitions
 

@@ -23,7 +23,7 @@ from pipeline.cluster import ActorStage, ReportBox, actor_stage, ensure_ray, sen
 from pipeline.commit import CommitStats, Committer
 from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
-from pipeline.discover import DiscoverUnits, stream_above
+from pipeline.discover import STREAM_ABOVE, DiscoverUnits
 from pipeline.embed import EmbedPatches
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger, RunLedger, UnitRecord, compact_output
@@ -404,7 +404,7 @@ def _run(
         import ray
 
         box = ray.remote(num_cpus=0)(ReportBox).remote()
-        per_unit = files_per_unit(stream_above(), actors.task_slots)
+        per_unit = files_per_unit(STREAM_ABOVE, actors.task_slots)  # whatever VIT_EMBED_STREAM_ABOVE says
         report = functools.partial(send_report, box)
         discover = DiscoverUnits(config.input, per_unit, job.ledger.shards(), report)
     sink = ParquetSink(config.output, job.output, run_id, {**job.identity, "run_id": run_id})

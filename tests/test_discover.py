@@ -205,3 +205,17 @@ def test_a_discover_task_that_dies_mid_listing_is_retried_and_every_key_is_writt
     keys = _keys(out)
     assert sorted(keys) == sorted(names), "rows lost or written twice"
     assert summary.processed == len(names)
+
+
+def test_the_threshold_decides_between_the_driver_and_workers(tmp_path: Path, monkeypatch):
+    src = tmp_path / "in"
+    _images(src, _names(5, 4))
+    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", 3)  # the exploration cannot see the whole tree
+    for limit, streamed in (("19", True), ("20", False), ("1000", False), ("0", True)):
+        monkeypatch.setenv(STREAM_ABOVE_ENV, limit)
+        job = plan(_config(src, tmp_path / "out"))
+        assert bool(job.partitions) == streamed and len(job.shards) == (0 if streamed else 20), limit
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "5")
+    (src / "a.tar").write_bytes(b"")  # first in name order: --format auto sees it and the driver refuses
+    with pytest.raises(Exception, match="mixes"):
+        plan(_config(src, tmp_path / "out"))

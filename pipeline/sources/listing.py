@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import FORMATS
 from pipeline.rows import SHARD_ERROR_SUFFIX
+from pipeline.sources.walk import Partition, Walker, hidden
 from pipeline.storage import InputError, resolve_uri
 from pipeline.storage import describe as _describe
 
@@ -19,7 +19,7 @@ TAR_SUFFIXES = (".tar",)
 PARQUET_SUFFIXES = (".parquet",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     """One unit of input: a loose file, a webdataset tar or a Parquet file."""
 
@@ -43,12 +43,8 @@ def wanted_keys(shard: Shard) -> frozenset[str] | None:
     return frozenset(shard.keys)
 
 
-def hidden(rel: str) -> bool:
-    """True for a path with a component starting with ``_`` or ``.`` (bookkeeping, never an input)."""
-    return any(part.startswith(("_", ".")) for part in rel.split("/"))
-
-
-def _classify(rel: str) -> str:
+def classify(rel: str) -> str:
+    """A file's kind by its name: "webdataset" (.tar), "parquet" or "file" (an image)."""
     name = rel.lower()
     if name.endswith(TAR_SUFFIXES):
         return "webdataset"
@@ -75,18 +71,19 @@ def list_shards(uri: str, format: str = "auto", input_list: str | None = None) -
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"Input {uri} does not exist.")
         if info.type == pafs.FileType.File:
-            entries = [(info, info.base_name)]
+            entries = [(info.path, info.base_name, int(info.size or 0))]
         elif isinstance(fs, pafs.LocalFileSystem):
-            entries = _walk_local(root)
+            entries = [e for page in Walker(uri).pages(Partition(0, "", recursive=True)) for e in page]
         else:
             selector = pafs.FileSelector(root, recursive=True)
             base = root.rstrip("/") + "/"
             entries = [
-                (i, i.path[len(base) :])
+                (i.path, i.path[len(base) :], int(i.size or 0))
                 for i in fs.get_file_info(selector)
-                if i.type == pafs.FileType.File and i.path.startswith(base)
+                if i.type == pafs.FileType.File
+                and i.path.startswith(base)
+                and not hidden(i.path[len(base) :])
             ]
-            entries = [(i, rel) for i, rel in entries if not hidden(rel)]
     except InputError:
         raise
     except (OSError, pa.ArrowException) as e:
@@ -96,14 +93,14 @@ def list_shards(uri: str, format: str = "auto", input_list: str | None = None) -
         raise InputError(
             f"Input {uri} is empty: no files under it (names starting with '_' or '.' are ignored)."
         )
-    return make_shards(uri, [(i.path, rel, int(i.size or 0)) for i, rel in entries], format)
+    return make_shards(uri, entries, format)
 
 
 def make_shards(uri: str, entries: list[tuple[str, str, int]], format: str = "auto") -> list[Shard]:
     """Shards of (path, rel, size) entries, sorted by ``rel``: each entry's kind by its extension, the
     ``--format`` filter, and with ``auto`` the refusal of an input that mixes kinds. ``uri`` names the input
     in messages; ``entries`` is not empty."""
-    classes = [_classify(rel) for _, rel, _ in entries]
+    classes = [classify(rel) for _, rel, _ in entries]
     if format == "auto":
         found = set(classes)
         if len(found) > 1:
@@ -125,34 +122,6 @@ def make_shards(uri: str, entries: list[tuple[str, str, int]], format: str = "au
             raise InputError(f"Input {uri} has no {suffix} files, which --format {format} reads.")
     shards = [Shard(path=path, rel=rel, kind=kind, size=size) for path, rel, size in chosen]
     return sorted(shards, key=lambda s: s.rel)
-
-
-def _walk_local(root: str) -> list[tuple[pafs.FileInfo, str]]:
-    """(info, rel) of the files under a local directory, hidden names pruned; symlinked directories are not
-    entered, a symlinked file is listed as a file (size of its target), a dangling symlink with size 0."""
-
-    def fail(exc: OSError) -> None:
-        raise exc
-
-    entries = []
-    for top, dirs, files in os.walk(root, onerror=fail):  # followlinks=False: linked dirs are not entered
-        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
-        base = os.path.relpath(top, root).replace(os.sep, "/")
-        for name in files:
-            if name.startswith(("_", ".")):
-                continue
-            path = os.path.join(top, name)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:  # a dangling symlink: the read stage reports it
-                size = 0
-            else:
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                size = st.st_size
-            rel = name if base == "." else f"{base}/{name}"
-            entries.append((pafs.FileInfo(path, pafs.FileType.File, size=size), rel))
-    return entries
 
 
 def _listing_error(uri: str, exc: BaseException) -> InputError:

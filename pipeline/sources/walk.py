@@ -124,11 +124,12 @@ class Walker:
 
     def first(self, limit: int) -> tuple[list[Entry], bool]:
         """The first `limit` files of the whole input in `rel` order, and whether that is all of them."""
-        entries = []
-        for entry in self.pages(Partition(0, "", recursive=True), size=limit):
-            entries.extend(entry)
-            if len(entries) > limit:
-                return entries[:limit], False
+        entries: list[Entry] = []
+        tree = self._local_tree("") if self.local else self._s3_tree("")
+        for entry in tree:
+            if len(entries) == limit:
+                return entries, False
+            entries.append(entry)
         return entries, True
 
     def _local_tree(self, prefix: str) -> Iterator[Entry]:
