@@ -25,8 +25,8 @@ from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger
 from pipeline.sink import OutputSpec
 from pipeline.sources import Shard, check_parquet_columns, check_unique_keys, list_shards
-from pipeline.sources.listing import classify
-from pipeline.sources.walk import Partition, Walker, explore
+from pipeline.sources.listing import classify, make_shards
+from pipeline.sources.walk import Entry, Partition, Walker, explore
 from pipeline.storage import resolve_uri
 from pipeline.units import MAX_FILES_PER_UNIT, Unit
 
@@ -155,8 +155,13 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     ident = identity(config, loaded, resize_size)
     output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
 
-    partitions = streamed_partitions(config)
-    shards = [] if partitions else list_shards(config.input, config.format, config.input_list)
+    partitions, listed = streamed_partitions(config)
+    if partitions:
+        shards = []
+    elif listed is not None:  # the driver listed the whole input to see that it is small
+        shards = make_shards(config.input, listed, config.format)
+    else:
+        shards = list_shards(config.input, config.format, config.input_list)
     parquet = [s for s in shards if s.kind == "parquet"]
     if parquet:  # the image and key columns, on one file's schema
         check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
@@ -186,22 +191,24 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
         partitions=partitions,
     )
     if config.retry_errors:
-        listed = {s.rel: s for s in skipped}
-        find = (lambda rels: stat_shards(config.input, rels)) if partitions else (lambda rels: listed)
+        done_shards = {s.rel: s for s in skipped}
+        find = (lambda rels: stat_shards(config.input, rels)) if partitions else (lambda rels: done_shards)
         result.retry, result.notes = retry_units(ledger, find)
     return result
 
 
-def streamed_partitions(config: JobConfig) -> list[Partition]:
+def streamed_partitions(config: JobConfig) -> tuple[list[Partition], list[Entry] | None]:
     """The listing partitions of an input of more than `stream_above()` loose files, which the discover
-    stage lists in workers (pipeline/discover.py); [] for an input the driver lists itself: fewer files,
+    stage lists in workers (pipeline/discover.py); none for an input the driver lists itself: fewer files,
     tar or Parquet shards, a manifest, a single file, or one that cannot be listed (list_shards says why).
 
     The driver explores the input's directories; when that does not see all of it, it lists the input's
-    first `stream_above()` files (in name order) to tell a small input from a large one."""
+    first `stream_above()` files (in name order) to tell a small input from a large one, and returns them
+    when they are all of it."""
     if config.input_list is not None or config.format not in ("auto", "files"):
-        return []
+        return [], None
     limit = stream_above()
+    listed = None
     try:
         walker = Walker(config.input)
         found = explore(walker)
@@ -209,13 +216,14 @@ def streamed_partitions(config: JobConfig) -> list[Partition]:
         if not found.complete and limit > 0:
             first, small = walker.first(limit)
             sample = first[: len(sample)] or sample
+            listed = first if small else None
     except Exception:  # not a directory, missing, denied: list_shards words the error
-        return []
+        return [], None
     if small:
-        return []
+        return [], listed
     if config.format == "auto" and any(classify(rel) != "file" for _, rel, _ in sample):
-        return []  # tar or Parquet shards, or a mix that list_shards refuses
-    return found.partitions
+        return [], None  # tar or Parquet shards, or a mix that list_shards refuses
+    return found.partitions, None
 
 
 def stat_shards(input_uri: str, rels: list[str]) -> dict[str, Shard]:
