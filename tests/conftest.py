@@ -4,8 +4,14 @@ The S3 endpoint is moto's server on 127.0.0.1, started once per test session, or
 VIT_EMBED_TEST_S3_ENDPOINT (a MinIO, e.g. infra/minio-compose.yaml's) with the credentials in
 VIT_EMBED_TEST_S3_ACCESS_KEY_ID / VIT_EMBED_TEST_S3_SECRET_ACCESS_KEY and VIT_EMBED_TEST_S3_REGION
 (default us-east-1). On a real endpoint each test's bucket is deleted after the test, and the buckets a
-test made itself (named t-<12 hex digits>) at the end of the session. Local Ray is started on first use
-and shut down at the end.
+test made itself (named t-<12 hex digits>) at the end of the session.
+
+Ray: one `ray start --head` of the session's own (2 CPUs, free ports, tests/ray_head.py), started on first
+use and stopped at the end. The tests' in-process runs (ray_local) and the jobs they start as subprocesses
+where the test is not about the job's own local Ray (job_env, with RAY_ADDRESS) join it instead of each
+starting a local Ray, which costs seconds of a 2-core machine every time. Tests about a Ray of their own
+(signals to its process group, a lost or resized cluster, `ray job submit`, Ray's own log files) still
+start one.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.ray_head import RayHead
 
 # Ray: no token auth file outside the project, no usage stats.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -136,17 +146,49 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
         delete_bucket(s3, name)
 
 
-@pytest.fixture()
-def ray_local(s3_server: str) -> Iterator[None]:
-    """A real local Ray (2 CPUs), started after the S3 environment is set so workers inherit it.
+# What a local Ray started by the job sets (pipeline/cluster.py): write tasks come every few seconds and
+# would otherwise each start a worker.
+RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
-    Started on first use and kept for the session (a test that needs another Ray shuts it down first;
-    the next user starts it again).
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: str) -> Iterator[RayHead]:
+    """The session's Ray: a head node with 2 CPUs on free ports, started after the S3 environment is set
+    so that its workers inherit it (credentials included, as a cluster's nodes have their own)."""
+    import ray
+
+    from tests.ray_head import ray_head
+
+    with ray_head(num_cpus=2, system_config=RAY_SYSTEM_CONFIG) as head:
+        try:
+            yield head
+        finally:
+            if ray.is_initialized():  # disconnect before the head goes away
+                ray.shutdown()
+
+
+def job_env(head: RayHead | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a `python jobs/embed.py` the tests start: on `head` (RAY_ADDRESS; give it absolute
+    local paths, its workers do not run in the job's directory), or with a local Ray of its own."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+    if head is not None:
+        env["RAY_ADDRESS"] = head.gcs_address
+    elif "RAY_ADDRESS" not in extra:
+        env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture()
+def ray_local(ray_cluster: RayHead) -> Iterator[None]:
+    """This process connected to the session's Ray (ray_cluster), whose workers see the S3 environment.
+
+    Connected on first use and kept for the session (a test that needs another Ray shuts it down first;
+    the next user connects again).
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address=ray_cluster.gcs_address, log_to_driver=False)
     yield
 
 

@@ -7,6 +7,7 @@ the machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -80,8 +81,13 @@ def stop(*markers: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(dashboard: bool = False, num_cpus: int = 2) -> Iterator[RayHead]:
-    """A head node with every port option on a free port; stopped (its processes only) on exit."""
+def ray_head(
+    dashboard: bool = False, num_cpus: int = 2, system_config: dict | None = None
+) -> Iterator[RayHead]:
+    """A head node with every port option on a free port; stopped (its processes only) on exit.
+
+    Its processes run in its temp dir: a job that passes relative local paths to workers cannot write into
+    the directory the tests run from."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     ports = {option: free_port() for option in PORT_OPTIONS}
     env = {
@@ -96,7 +102,9 @@ def ray_head(dashboard: bool = False, num_cpus: int = 2) -> Iterator[RayHead]:
     cmd += ["--disable-usage-stats", f"--include-dashboard={str(dashboard).lower()}"]
     if dashboard:
         cmd.append("--dashboard-host=127.0.0.1")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+    if system_config:
+        cmd.append(f"--system-config={json.dumps(system_config)}")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180, cwd=temp_dir)
     gcs = f"127.0.0.1:{ports['port']}"
     try:
         yield RayHead(gcs, f"http://127.0.0.1:{ports['dashboard-port']}", temp_dir, env)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,14 +15,19 @@ import pytest
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.sample import make_sample
+from tests.conftest import job_env
+from tests.ray_head import RayHead
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "8"]
 
 
-def _job(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+def _job(
+    *args: str, cwd: Path, timeout: int = 300, head: RayHead | None = None
+) -> subprocess.CompletedProcess:
+    """The job as a user runs it: with a local Ray of its own, or a driver on `head` (the tests' Ray; give
+    it absolute paths, the cluster's workers do not run in `cwd`)."""
+    env = job_env(head)
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / "embed.py"), *args],
         capture_output=True,
@@ -96,16 +100,17 @@ def test_dry_run_runs_nothing(tmp_path: Path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_too_many_errors_writes_everything_then_exits_1(tmp_path: Path):
+def test_too_many_errors_writes_everything_then_exits_1(tmp_path: Path, ray_cluster: RayHead):
     make_sample(tmp_path / "in", n=3)
     (tmp_path / "in" / "junk.jpg").write_bytes(b"\x00" * 100)
-    proc = _job("--input", "in", "--output", "o", *SMALL, "--max-error-rate", "0.1", cwd=tmp_path)
+    where = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    proc = _job(*where, *SMALL, "--max-error-rate", "0.1", cwd=tmp_path, head=ray_cluster)
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["processed"] == 4 and summary["errors"] == 1
     assert "--max-error-rate" in proc.stdout
     # And within the budget the same data exits 0 (the rows are already there: nothing is redone).
-    ok = _job("--input", "in", "--output", "o", *SMALL, "--max-error-rate", "0.5", cwd=tmp_path)
+    ok = _job(*where, *SMALL, "--max-error-rate", "0.5", cwd=tmp_path, head=ray_cluster)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert json.loads(ok.stdout.strip().splitlines()[-1])["skipped"] == 4
 
@@ -293,10 +298,12 @@ def test_actor_stage_on_a_real_two_cpu_ray(ray_local):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_actors_that_cannot_fit_exit_2_instead_of_waiting(tmp_path: Path):
+def test_actors_that_cannot_fit_exit_2_instead_of_waiting(tmp_path: Path, ray_cluster: RayHead):
+    """On a cluster (the tests' Ray, 2 CPUs) whose nodes are too small for the model actors."""
     make_sample(tmp_path / "in", n=2)
     start = time.monotonic()
-    proc = _job("--input", "in", "--output", "o", *SMALL, "--actor-cpus", "8", cwd=tmp_path, timeout=180)
+    where = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    proc = _job(*where, *SMALL, "--actor-cpus", "8", cwd=tmp_path, timeout=180, head=ray_cluster)
     assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
     assert "--actor-cpus 8 needs 8 CPUs per model actor" in _one_sentence(proc.stderr)
     assert time.monotonic() - start < 120

@@ -35,6 +35,7 @@ from pipeline.run import run
 from pipeline.sample import encode, photo_like
 from pipeline.storage import resolve_uri
 from tests.conftest import TEST_AWS_ENV
+from tests.ray_head import RayHead
 from tests.s3_proxy import FAULTS, FaultProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -412,7 +413,7 @@ def test_tar_member_names_are_never_paths(tmp_path: Path, ray_local: None):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Transient S3 faults (this test and the CLI's restart Ray, so they come last)
+# Transient S3 faults (this test reconnects to Ray and the CLI's starts its own, so they come last)
 
 
 _VOLATILE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}|[0-9a-f]{32}")  # run ids and uuids in output paths
@@ -454,18 +455,20 @@ def _names_for(faults: list[str], pattern: str) -> list[str]:
 
 
 @pytest.fixture()
-def ray_restarted():
-    """Stops the session's Ray so `run()` starts one whose workers see this test's environment."""
+def ray_reconnected(ray_cluster: RayHead, monkeypatch: pytest.MonkeyPatch):
+    """Disconnects this process from the session's Ray so that `run()` connects to it again as a job does
+    on a cluster (RAY_ADDRESS), forwarding this test's S3 endpoint to its workers."""
     import ray
 
     ray.shutdown()
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.gcs_address)
     yield
-    ray.shutdown()  # the next `ray_local` user starts a fresh one with the session's environment
+    ray.shutdown()  # the next `ray_local` user connects again, without this test's environment
 
 
 @pytest.mark.timeout(300)
 def test_transient_s3_faults_are_retried(
-    s3_server: str, s3_bucket: str, ray_restarted: None, monkeypatch: pytest.MonkeyPatch
+    s3_server: str, s3_bucket: str, ray_reconnected: None, monkeypatch: pytest.MonkeyPatch
 ):
     """Input from S3 and output to S3 through the proxy: the first try of every request fails.
 

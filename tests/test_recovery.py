@@ -20,6 +20,8 @@ from pipeline.config import JobConfig
 from pipeline.embed import FakeEmbedPatches
 from pipeline.run import run
 from pipeline.sample import encode, photo_like
+from tests.conftest import job_env
+from tests.ray_head import RayHead
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -62,25 +64,24 @@ def _small_config(src: Path, out: Path, batch_size: int) -> JobConfig:
     )
 
 
-def _job(cwd: Path, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    if crash_at:
-        env["VIT_EMBED_CRASH_AT"] = crash_at
-    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", "in", "--output", "out", *SMALL, *args]
+def _job(cwd: Path, head: RayHead, *args: str, crash_at: str) -> subprocess.CompletedProcess:
+    """The job as a user runs it, a driver on the tests' Ray cluster (`head`), killed at `crash_at`."""
+    env = job_env(head, VIT_EMBED_CRASH_AT=crash_at)
+    where = ["--input", str(cwd / "in"), "--output", str(cwd / "out")]  # absolute: the workers' cwd differs
+    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), *where, *SMALL, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("crash_at", ["part:1", "staged:1", "recorded:1", "recorded:3"])
 def test_sigkill_of_the_driver_then_rerun_gives_every_key_once(
-    tmp_path: Path, crash_at: str, ray_local: None
+    tmp_path: Path, crash_at: str, ray_cluster: RayHead, ray_local: None
 ):
     """part: a part reported, nothing committed; staged: a commit's files staged, not recorded; recorded:
     the commit record written, the files not moved into place yet; recorded:3: a later commit interrupted,
     after two complete ones (the state right after a commit's moves). Whatever a reader saw after the
     crash is still there after the rerun, unchanged: no reader ever sees a row that is later removed."""
     expected = _tar_shards(tmp_path / "in", shards=5, per_shard=3)
-    crashed = _job(tmp_path, "--commit-interval", "0", crash_at=crash_at)
+    crashed = _job(tmp_path, ray_cluster, "--commit-interval", "0", crash_at=crash_at)
     assert crashed.returncode == -9, crashed.stderr[-3000:]
     seen = _keys(tmp_path / "out")
     assert len(seen) == len(set(seen)), "duplicates after a crash"

@@ -24,6 +24,8 @@ from pipeline.config import JobConfig
 from pipeline.embed import FakeEmbedPatches
 from pipeline.run import run
 from pipeline.sample import encode, photo_like
+from tests.conftest import job_env
+from tests.ray_head import RayHead
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,21 +66,19 @@ def _table(output: str):
     return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["key", "error"])
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_runs_started_together_or_seconds_apart_write_every_key_once(tmp_path: Path, where: str, request):
+def test_runs_started_together_or_seconds_apart_write_every_key_once(
+    tmp_path: Path, where: str, request, ray_cluster: RayHead
+):
+    """Scheduled runs overlapping on one cluster: each job is a driver on the tests' Ray (RAY_ADDRESS)."""
     expected = _images(tmp_path / "in", 120)
     if where == "s3":
         bucket = request.getfixturevalue("s3_bucket")
         output = f"s3://{bucket}/emb"
     else:
         output = str(tmp_path / "out")
-    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", "in", "--output", output, *SMALL]
+    src = str(tmp_path / "in")  # absolute: the cluster's workers do not run in the job's directory
+    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", src, "--output", output, *SMALL]
     results = []
     rounds = ([0, 0, 0], [0, 3, 6]) if where == "local" else ([0, 0, 0],)  # together, then seconds apart
     for delays in rounds:
@@ -87,7 +87,12 @@ def test_runs_started_together_or_seconds_apart_write_every_key_once(tmp_path: P
             time.sleep(d - (delays[len(procs) - 1] if procs else 0))
             procs.append(
                 subprocess.Popen(
-                    cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    cmd,
+                    cwd=tmp_path,
+                    env=job_env(ray_cluster),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
                 )
             )
         for p in procs:

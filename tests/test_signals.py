@@ -21,6 +21,7 @@ import pytest
 from jobs.embed import config_from_args, parse_args
 from pipeline.run import run
 from pipeline.sample import encode, photo_like
+from tests.conftest import job_env
 from tests.ray_head import RayHead, ray_head, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,19 +41,17 @@ def _images(root: Path, n: int) -> set[str]:
     return {f"img_{i:04d}.jpg" for i in range(n)}
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **extra}
-    if "RAY_ADDRESS" not in extra:
-        env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def _start(tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """The job in its own session (so a signal to its process group reaches only it and its children)."""
+    """The job in its own session (so a signal to its process group reaches only it and its children),
+    with a local Ray of its own unless `env` names a cluster (RAY_ADDRESS: then with absolute paths, the
+    cluster's workers do not run in the job's directory)."""
+    job = JOB
+    if env and env.get("RAY_ADDRESS"):
+        job = [*JOB[:2], "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *JOB[6:]]
     return subprocess.Popen(
-        [*JOB, "--commit-interval", "0.5"],
+        [*job, "--commit-interval", "0.5"],
         cwd=tmp_path,
-        env=env or _env(),
+        env=env or job_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -100,17 +99,19 @@ def _rerun_finishes_with_every_key_once(tmp_path: Path, keys: set[str]) -> None:
 @pytest.mark.parametrize(
     ("sig", "when"),
     [
-        # Ctrl-C in a terminal: the whole foreground process group, as soon as the run has started.
+        # Ctrl-C in a terminal: the whole foreground process group (the job and its local Ray), as soon as
+        # the run has started.
         (signal.SIGINT, "started"),
-        # Kubernetes stopping the pod: the job's process alone, once units are being committed.
+        # Kubernetes stopping the pod: the job's process alone, a driver on a cluster (the tests' Ray),
+        # once units are being committed.
         (signal.SIGTERM, "committing"),
     ],
 )
 def test_a_signal_stops_the_run_with_status_3_and_the_same_command_finishes_it(
-    tmp_path: Path, sig: signal.Signals, when: str, ray_local: None
+    tmp_path: Path, sig: signal.Signals, when: str, ray_local: None, ray_cluster: RayHead
 ):
     keys = _images(tmp_path / "in", 600)
-    proc = _start(tmp_path)
+    proc = _start(tmp_path, job_env(ray_cluster) if when == "committing" else None)
     out = tmp_path / "out"
     if when == "started":
         _wait_for(proc, (out / "_runs").is_dir)
@@ -153,7 +154,7 @@ def test_losing_the_cluster_exits_3_with_a_sentence(tmp_path: Path, head: RayHea
     (60 s by default). Ray's timeout is set to 15 s here, so the watch gives up after 5 s."""
     address, temp_dir = head.gcs_address, head.temp_dir
     _images(tmp_path / "in", 600)
-    env = _env(RAY_ADDRESS=address, RAY_gcs_rpc_server_reconnect_timeout_s="15")
+    env = job_env(RAY_ADDRESS=address, RAY_gcs_rpc_server_reconnect_timeout_s="15")
     proc = _start(tmp_path, env)
     _wait_for(proc, (tmp_path / "out" / "_runs").is_dir)
     start = time.monotonic()
