@@ -121,7 +121,7 @@ def _keys(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_streamed_run_then_reruns_write_every_key_once(tmp_path: Path, ray_local: None, monkeypatch):
     monkeypatch.setenv(STREAM_ABOVE_ENV, "0")  # list in workers whatever the size
-    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", 8)  # some directories are left whole to a worker
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", 8)  # some directories are left whole to a worker
     src, out = tmp_path / "in", tmp_path / "out"
     _images(src, _names(6, 10))
     (src / "bad.jpg").write_bytes(b"not an image")
@@ -203,7 +203,7 @@ def test_a_discover_task_that_dies_mid_listing_is_retried_and_every_key_is_writt
 def test_the_threshold_decides_between_the_driver_and_workers(tmp_path: Path, monkeypatch):
     src = tmp_path / "in"
     _images(src, _names(5, 4))
-    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", 3)  # the exploration cannot see the whole tree
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", 3)  # the exploration cannot see the whole tree
     for limit, streamed in (("19", True), ("20", False), ("1000", False), ("0", True)):
         monkeypatch.setenv(STREAM_ABOVE_ENV, limit)
         job = plan(_config(src, tmp_path / "out"))

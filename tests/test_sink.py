@@ -104,7 +104,7 @@ def test_a_replacement_swaps_the_retried_rows_in_one_file(tmp_path):
     batch = _unit_batch(4, 4, 2, {3}, 0, "s.tar", total=2)
     fixed = {k: v[[1, 3]] for k, v in batch.items()}
     parts = retry.write_parts(fixed)
-    staged, counts = retry.stage_replacement(parts, name, ("s.tar/k1", "s.tar/k3"), ["s.tar"])
+    staged, counts = retry.stage_replacement(parts, name, ("s.tar/k1", "s.tar/k3"), "s.tar")
     assert counts == {"s.tar": (4, 1)}
     assert pq.read_table(tmp_path / name)["error"].null_count == 2  # unchanged until the move
     retry.move_into_place(staged, name)

@@ -61,12 +61,12 @@ def test_a_recursive_walk_is_in_string_order_and_matches_the_driver_listing(loca
     assert entry == (str(local_tree / "b" / "é.jpg"), "b/é.jpg", len("b/é.jpg"))
 
 
-@pytest.mark.parametrize("entries", [2, 4, 6, 100])
+@pytest.mark.parametrize("entries", [1, 2, 3, 6, 100])
 @pytest.mark.parametrize("target", [1, 2, 3, 5, 100])
 def test_partitions_cover_every_file_once_whatever_the_split(
     local_tree: Path, target: int, entries: int, monkeypatch
 ):
-    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", entries)  # a larger directory is left whole
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", entries)  # a directory with more files is left whole
     found = explore(Walker(str(local_tree)), target)
     assert sorted(_all_pages(Walker(str(local_tree)), found.partitions)) == sorted(NAMES)
     assert [p.id for p in found.partitions] == list(range(len(found.partitions)))
@@ -90,7 +90,7 @@ def test_exploring_a_small_tree_sees_all_of_it(local_tree: Path):
 
 
 def test_a_directory_too_large_to_explore_is_left_to_a_worker(local_tree: Path, monkeypatch):
-    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", 5)  # the root has 3 files and 3 directories
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", 2)  # the root has 3 files
     found = explore(Walker(str(local_tree)), target=100)
     assert not found.complete and found.partitions == [Partition(0, "", True)]
 
@@ -105,7 +105,7 @@ def test_s3_pages_and_partitions_match_the_local_ones(s3_server: str, s3_bucket:
     walker = Walker(uri)
     rels = _all_pages(walker, [Partition(0, "", recursive=True)])
     assert rels == sorted(NAMES) == [s.rel for s in list_shards(uri, "files")]
-    monkeypatch.setattr(walk_module, "EXPLORE_ENTRIES", 3)
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", 1)
     for target in (1, 3, 100):
         found = explore(Walker(uri), target)
         assert sorted(_all_pages(walker, found.partitions)) == sorted(NAMES)
@@ -119,3 +119,14 @@ def test_first_gives_the_first_files_and_says_if_that_is_all(local_tree: Path):
     assert [rel for _, rel, _ in entries] == sorted(NAMES)[:4] and not complete
     entries, complete = walker.first(100)
     assert len(entries) == len(NAMES) and complete
+
+
+def test_many_subdirectories_are_split_however_few_files_the_driver_reads(tmp_path: Path, monkeypatch):
+    """Hash-prefixed layouts (thousands of directories under the root) are listed in parallel: only a
+    directory's files count against the driver's budget, not its subdirectories."""
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", 1)
+    names = [f"{i:02x}/{j}.jpg" for i in range(40) for j in range(3)]
+    _tree(tmp_path / "in", names)
+    found = explore(Walker(str(tmp_path / "in")), target=16)
+    assert len(found.partitions) == 40 and all(p.recursive for p in found.partitions)
+    assert sorted(_all_pages(Walker(str(tmp_path / "in")), found.partitions)) == sorted(names)

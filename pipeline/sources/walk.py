@@ -28,7 +28,8 @@ from pipeline import storage
 
 Entry = tuple[str, str, int]  # (path in the input's filesystem, rel, size)
 PAGE = 1000  # entries per page: one S3 ListObjectsV2 response
-EXPLORE_ENTRIES = 10_000  # entries the driver reads of one directory (10 S3 requests) before leaving it whole
+EXPLORE_FILES = 1000  # files the driver reads of one directory (one S3 request) before leaving it whole
+EXPLORE_DIRS = 100_000  # subdirectories the driver reads of one directory
 EXPLORE_TARGET = 256  # listing partitions the driver looks for
 SAMPLE = 1000  # files the exploration keeps, to tell loose images from tar or Parquet shards
 EXPLORE_THREADS = 16  # directories of one level listed at once (S3 requests wait on the network)
@@ -64,20 +65,21 @@ class Walker:
 
     # One directory ------------------------------------------------------------------------------------
 
-    def list_dir(self, prefix: str, limit: int | None = None) -> tuple[list[Entry], list[str], bool]:
+    def list_dir(
+        self, prefix: str, file_limit: int | None = None, dir_limit: int | None = None
+    ) -> tuple[list[Entry], list[str], bool]:
         """The files and subdirectories (as prefixes ending in '/') directly in `prefix`, sorted, and
-        whether that is all of them: with `limit`, reading stops after that many entries."""
+        whether that is all of them: reading stops at `file_limit` files or `dir_limit` directories."""
         files: list[Entry] = []
         dirs: list[str] = []
         complete = True
         for kind, item in self._dir_entries(prefix):
-            if limit is not None and len(files) + len(dirs) >= limit:
+            full = files if kind == "file" else dirs
+            limit = file_limit if kind == "file" else dir_limit
+            if limit is not None and len(full) >= limit:
                 complete = False
                 break
-            if kind == "file":
-                files.append(item)  # type: ignore[arg-type]
-            else:
-                dirs.append(item)  # type: ignore[arg-type]
+            full.append(item)  # type: ignore[arg-type]
         return sorted(files, key=lambda e: e[1]), sorted(dirs), complete
 
     def _dir_entries(self, prefix: str) -> Iterator[tuple[str, Entry | str]]:
@@ -182,9 +184,9 @@ class Exploration:
 def explore(walker: Walker, target: int = EXPLORE_TARGET) -> Exploration:
     """Listing partitions for `walker`'s input: directories are listed breadth-first on this process, a level
     at a time in EXPLORE_THREADS threads, until there are `target` partitions or no directory is left to
-    split. A directory's own files are a partition; a directory with more than EXPLORE_ENTRIES entries is
-    left whole to a worker (so a flat prefix is listed by one worker, in order). Partitions are numbered in
-    prefix order."""
+    split. A directory's own files are a partition; a directory with more than EXPLORE_FILES files (or
+    EXPLORE_DIRS subdirectories) is left whole to a worker, so a flat prefix is listed by one worker, in
+    order. Partitions are numbered in prefix order."""
     found: list[tuple[str, bool]] = []
     level, files, complete = [""], 0, True
     sample: list[Entry] = []
@@ -192,7 +194,7 @@ def explore(walker: Walker, target: int = EXPLORE_TARGET) -> Exploration:
         while level and len(found) + len(level) < target:
             following = []
             for prefix, (entries, dirs, whole) in zip(
-                level, pool.map(lambda p: walker.list_dir(p, EXPLORE_ENTRIES), level), strict=True
+                level, pool.map(lambda p: walker.list_dir(p, EXPLORE_FILES, EXPLORE_DIRS), level), strict=True
             ):
                 files += len(entries)
                 sample += entries[: SAMPLE - len(sample)]
