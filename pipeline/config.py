@@ -118,6 +118,18 @@ class JobConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        # Workers resolve paths in their own working directory, which on a cluster is not the driver's.
+        for name in ("input", "output", "input_list", "weights"):
+            value = getattr(self, name)
+            if value is not None and value != "random":
+                object.__setattr__(self, name, _absolute(value))
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute here, in the driver; s3:// and file:// URIs unchanged."""
+    if location.strip().lower().startswith(("s3://", "file://")):
+        return location
+    return os.path.abspath(os.path.expanduser(location.strip()))
 
 
 def _check_triple(option: str, values: tuple[float, ...] | None, *, positive: bool) -> tuple[bool, str]:

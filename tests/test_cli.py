@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -139,12 +140,12 @@ def _truncated_safetensors(tmp_path: Path) -> None:
         (
             ["--weights", "truncated.safetensors"],
             _truncated_safetensors,
-            ["'truncated.safetensors' is truncated"],
+            ["/truncated.safetensors' is truncated"],
         ),
         (
             ["--weights", "garbage.safetensors"],
             _garbage_safetensors,
-            ["'garbage.safetensors' is not a valid safetensors file"],
+            ["/garbage.safetensors' is not a valid safetensors file"],
         ),
         (["--std", "0,0,0"], None, ["--std must be above 0"]),
         (["--mean", "0.5,0.5"], None, ["--mean must be three finite numbers"]),
@@ -308,3 +309,14 @@ def test_actors_that_cannot_fit_exit_2_instead_of_waiting(tmp_path: Path, ray_cl
     assert "--actor-cpus 8 needs 8 CPUs per model actor" in _one_sentence(proc.stderr)
     assert time.monotonic() - start < 120
     assert not (tmp_path / "o" / "_runs").exists()
+
+
+def test_local_paths_are_made_absolute_in_the_driver(tmp_path: Path, monkeypatch):
+    """Workers resolve paths in their own working directory: on a cluster that is not the driver's."""
+    monkeypatch.chdir(tmp_path)
+    config = JobConfig(input="in", output="./out/", input_list="~/list.csv", weights="w.safetensors")
+    assert config.input == str(tmp_path / "in") and config.output == str(tmp_path / "out")
+    assert config.input_list == os.path.expanduser("~/list.csv")
+    assert config.weights == str(tmp_path / "w.safetensors")
+    kept = JobConfig(input="s3://b/in", output="file:///data/out", weights="random")
+    assert (kept.input, kept.output, kept.weights) == ("s3://b/in", "file:///data/out", "random")
