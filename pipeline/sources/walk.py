@@ -40,6 +40,7 @@ class Partition:
     id: int
     prefix: str  # directory relative to the input root: '' or ending in '/'
     recursive: bool  # everything under `prefix`, or only the files directly in it
+    files: tuple[Entry, ...] | None = None  # those files, when the driver's exploration already listed them
 
 
 def _hidden_name(name: str) -> bool:
@@ -112,6 +113,8 @@ class Walker:
         """The partition's files in `rel` order, `size` at a time."""
         if partition.recursive:
             entries = self._local_tree(partition.prefix) if self.local else self._s3_tree(partition.prefix)
+        elif partition.files is not None:
+            entries = iter(partition.files)
         else:
             files, _, _ = self.list_dir(partition.prefix)
             entries = iter(files)
@@ -184,10 +187,10 @@ class Exploration:
 def explore(walker: Walker, target: int = EXPLORE_TARGET) -> Exploration:
     """Listing partitions for `walker`'s input: directories are listed breadth-first on this process, a level
     at a time in EXPLORE_THREADS threads, until there are `target` partitions or no directory is left to
-    split. A directory's own files are a partition; a directory with more than EXPLORE_FILES files (or
-    EXPLORE_DIRS subdirectories) is left whole to a worker, so a flat prefix is listed by one worker, in
-    order. Partitions are numbered in prefix order."""
-    found: list[tuple[str, bool]] = []
+    split. A directory's own files are a partition, which carries them (they are not listed twice); a
+    directory with more than EXPLORE_FILES files (or EXPLORE_DIRS subdirectories) is left whole to a worker,
+    so a flat prefix is listed by one worker, in order. Partitions are numbered in prefix order."""
+    found: list[tuple[str, bool, tuple[Entry, ...] | None]] = []
     level, files, complete = [""], 0, True
     sample: list[Entry] = []
     with ThreadPoolExecutor(EXPLORE_THREADS, thread_name_prefix="explore") as pool:
@@ -199,14 +202,17 @@ def explore(walker: Walker, target: int = EXPLORE_TARGET) -> Exploration:
                 files += len(entries)
                 sample += entries[: SAMPLE - len(sample)]
                 if not whole:
-                    found.append((prefix, True))
+                    found.append((prefix, True, None))
                     complete = False
                     continue
-                if entries:
-                    found.append((prefix, False))
+                if entries:  # listed whole (at most EXPLORE_FILES): the worker is handed them
+                    found.append((prefix, False, tuple(entries)))
                 following += dirs
             level = following
-    found += [(prefix, True) for prefix in level]
+    found += [(prefix, True, None) for prefix in level]
     complete = complete and not level
-    partitions = [Partition(i, prefix, recursive) for i, (prefix, recursive) in enumerate(sorted(found))]
+    found.sort(key=lambda f: (f[0], f[1]))
+    partitions = [
+        Partition(i, prefix, recursive, files) for i, (prefix, recursive, files) in enumerate(found)
+    ]
     return Exploration(partitions, files, sample, complete)
