@@ -158,7 +158,7 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     partitions, listed = streamed_partitions(config)
     if partitions:
         shards = []
-    elif listed is not None:  # the driver listed the whole input to see that it is small
+    elif listed:  # the driver listed the whole input to see that it is small
         shards = make_shards(config.input, listed, config.format)
     else:
         shards = list_shards(config.input, config.format, config.input_list)
@@ -213,6 +213,8 @@ def streamed_partitions(config: JobConfig) -> tuple[list[Partition], list[Entry]
         walker = Walker(config.input)
         found = explore(walker)
         sample, small = found.sample, found.complete and found.files <= limit
+        if small:  # the exploration listed every file, and its partitions carry them
+            listed = [entry for p in found.partitions for entry in p.files or ()]
         if not found.complete and limit > 0:
             first, small = walker.first(limit)
             sample = first[: len(sample)] or sample
