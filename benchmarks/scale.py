@@ -1,62 +1,42 @@
-"""Planning at scale: how today's planner grows with the objects under ``--input`` and the keys already
-committed in ``--output``. The figures are the baseline a future planner is compared against in this
-script: each planner is a *variant* (``--planner``; ``current`` is ``pipeline.plan.plan`` as it is), and
-the table has one row per (variant, size, case).
+"""Planning at scale: what planning and running cost the driver as the input and the output's committed
+keys grow, for the two planners the job has, side by side (``--planner``): ``driver`` (the driver lists
+the input and makes every unit; forced with ``VIT_EMBED_STREAM_ABOVE=10**15``) and ``streamed`` (listing
+partitions explored on the driver, listed by the discover stage; forced with ``VIT_EMBED_STREAM_ABOVE=0``).
 
-Local planning, per size N (``--sizes``, default 100k and 1M; 5M and more take minutes and GBs of
-inodes, so they are opt-in):
+Local planning, per size N (``--sizes``, default 100k and 1M):
 
 - **input**: N empty files ``dNNNNNN/NNNNNNNNN.jpg``, ``--per-dir`` (1,000) per directory, under a fresh
-  temporary directory. Empty rather than 1-byte: planning never opens an input file (it lists names and
-  sizes), and on ext4 a 1-byte file takes a 4 KiB block, 4 GB per million, where an empty one takes only
-  its inode. Each planning child counts the Python-level ``open`` audit events under the input root
-  (``opened`` in the JSON; 0 means no file was opened).
-- **plan**: ``plan(JobConfig(input, output, model="vit_ti_16", weights="random", image_size=32))``
-  without a lease, what ``python jobs/embed.py --dry-run`` runs, into an empty output.
-- **rerun +1 %**: the output first commits all N objects, as a real run's ledger would (below); then N/100
-  new files are added to the input (new directories, like a new day's data) and ``plan()`` runs again:
-  it lists N × 1.01 objects, skips N and leaves N/100 to do.
+  temporary directory (empty: planning never opens an input file; each planning child counts the
+  Python-level ``open`` events under the input root, ``opened`` in the JSON).
+- **plan**: ``plan(JobConfig(input, output, model="vit_ti_16", weights="random", image_size=32))`` without a
+  lease, what ``--dry-run`` runs; for the streamed planner also the listing ``--dry-run`` then does to count
+  the input (the discover stage's code, partition after partition, in this process).
+- **rerun +1 %**: the output first commits all N objects as a run writes them (below); then N/100 new files
+  (new directories) are added and the planning runs again.
 
-Every planning runs in a fresh child process, so its peak RSS is that of one planning: wall seconds,
-objects listed per second, the child's peak RSS (``VmHWM``), and the peak above a *baseline* child that
-imports the same modules and plans a 1-file input into an empty output, divided by the objects listed:
-the driver's bytes per object. The current variant also reports its phases: loading the model (weights
-validation, fixed), ``list_shards``, ``Ledger.read``, and the rest (filtering the listing against the
-ledger), with the RSS after listing and after the ledger. The directory tree was just written, so the
-kernel's dentry and inode caches are warm: a cold listing (another machine, a tree not touched for
-hours) is slower; this script never drops the caches of the shared machine.
+Every planning runs in a fresh child process: wall seconds, objects listed per second, the child's peak RSS
+(``VmHWM``), and the peak above a *baseline* child (same imports, a 1-file input) per object listed.
 
-The committed output is built with the project's own classes, in the order a run writes them: the run's
-``plan()`` (its identity is what ``run.json`` records and what a later run checks), units from
-``pipeline.units.make_units(shards, --task-slots)`` (loose files in units of 256–4,096, as the job makes
-them), ``RunLedger.start``, one ``record_commit`` per ``--units-per-commit`` units (one commit interval's
-worth) with a ``UnitRecord`` per unit (``file`` = ``ParquetSink.final_name``, ``staged`` under the run's
-``_staging/``, ``(1, 0)`` rows and errors per shard), the data files in place, and ``RunLedger.finish``.
-``Ledger.read`` opens only the ``_runs/`` JSON documents; of the data files it lists the base names at the
-output's top level (a recorded file not there is "lost" and redone), so each data file is an empty file
-with the name a run gives it. ``--validate N`` checks that the synthetic output is indistinguishable for
-``plan()`` from a real one: it runs the real job (``jobs/embed.py``, local Ray, ``vit_ti_16``, random
-weights, 32 px) on N real tiny JPEGs, builds the synthetic output for the same input, adds 1 % new JPEGs,
-and compares the two ledgers (shards done with their counts, files, the grouping of shards into units)
-and the two ``plan()`` results (shards to do, ``skipped_shards``, ``skipped_rows``).
+The committed output is built with the project's own classes, in the order a run writes them: ``plan()``,
+``make_units``, ``RunLedger.start``, one ``record_commit`` per ``--units-per-commit`` units with a
+``UnitRecord`` per unit, the (empty) data files in place under the names a run gives them,
+``RunLedger.finish``, and the fold of the records into the ledger's index that a run does at its end.
+``--validate N`` compares such an output with a real run's on N real JPEGs.
+
+Full runs (``--runs``, e.g. 100k,1M; ``--run-planners``): ``pipeline.run.run`` with the fake model on a local
+Ray of 2 CPUs that the run starts, into an empty output and again after 1 % new files: the driver's peak
+RSS, the seconds until the first data file appears, the total.
 
 S3 listing (``--s3-objects``, default 20,000; 0 skips it): moto's server in a child process, the objects
-put straight into its in-memory backend (over HTTP, moto takes ~110 PUTs/s on 2 vCPUs, half an hour for
-200k), over 16 prefixes. Timed, each in a fresh child: today's ``pipeline.sources.list_shards("s3://…")``
-(one sequential recursive listing through pyarrow) and, as the reference for a parallel lister, boto3
-``list_objects_v2`` paginators over the 16 prefixes in 8 threads. moto's listing costs O(objects in the
-bucket) per 1,000-key page and runs in one Python process, so against moto both figures measure moto
-more than the listers (and the parallel one cannot gain on 2 vCPUs); the harness is what carries over:
-point ``--s3-endpoint`` at a real bucket's endpoint (with its credentials in the environment) for figures
-that mean something about S3.
+put straight into its in-memory backend, over 16 prefixes; timed in fresh children: ``list_shards``
+(sequential), the streamed lister (explore, then the partitions 8 at a time) and boto3 paginators over the
+prefixes in 8 threads. ``--s3-latency-ms`` holds every request in a proxy first; moto filters the whole
+bucket for every page, so against moto these figures measure moto; ``--s3-endpoint`` lists a real one.
 
-Not measured yet: seconds from the job's start to its first decoded row (needs a cluster run); and a
-cold-cache listing.
-
-    python benchmarks/scale.py                          # 100k and 1M local, 20k on moto: ~5 min, 2 vCPUs
-    python benchmarks/scale.py --sizes 100k --s3-objects 0 --json
-    python benchmarks/scale.py --sizes 100k,1M,5M       # 5M: ~5M inodes, ~3 GB per planning child
-    python benchmarks/scale.py --validate 2000 --sizes 10k --s3-objects 0
+    python benchmarks/scale.py --sizes 100k,1M --runs 100k             # ~40 min on 2 vCPUs
+    python benchmarks/scale.py --sizes '' --s3-objects 0 --runs 1M --run-planners streamed
+    python benchmarks/scale.py --sizes '' --planner driver --s3-objects 4000 --s3-latency-ms 100
+    python benchmarks/scale.py --sizes 100k,1M,5M                      # 5M: ~5M inodes
 """
 
 from __future__ import annotations
