@@ -22,6 +22,8 @@ from pipeline.run import run
 from pipeline.sample import encode, photo_like
 from pipeline.sources import walk as walk_module
 from pipeline.sources.walk import Walker, explore
+from tests.conftest import job_env
+from tests.ray_head import RayHead
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = {"embedding_dim": 192, "num_classes": 1000}
@@ -150,13 +152,13 @@ def test_a_streamed_run_then_reruns_write_every_key_once(tmp_path: Path, ray_loc
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_driver_killed_while_the_listing_streams_then_rerun_writes_every_key_once(
-    tmp_path: Path, ray_local: None, monkeypatch
+    tmp_path: Path, ray_cluster: RayHead, ray_local: None, monkeypatch
 ):
     src, out = tmp_path / "in", tmp_path / "out"
     names = _names(12, 20)
     _images(src, names)
-    env = {**os.environ, STREAM_ABOVE_ENV: "0", "VIT_EMBED_CRASH_AT": "recorded:2"}
-    env.pop("RAY_ADDRESS", None)
+    # A driver on the tests' Ray cluster, killed at its second commit while partitions are still listed.
+    env = job_env(ray_cluster, **{STREAM_ABOVE_ENV: "0", "VIT_EMBED_CRASH_AT": "recorded:2"})
     small = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "8"]
     cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", str(src), "--output", str(out), *small]
     crashed = subprocess.run(
