@@ -20,11 +20,13 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from pipeline.config import JobConfig
     from tests.ray_head import RayHead
 
 # Ray: no token auth file outside the project, no usage stats.
@@ -165,6 +167,15 @@ def ray_cluster(s3_server: str) -> Iterator[RayHead]:
         finally:
             if ray.is_initialized():  # disconnect before the head goes away
                 ray.shutdown()
+
+
+def small_config(src: Path, out: Path, **options: Any) -> JobConfig:
+    """The tests' job in-process: a tiny model (ViT-Ti, random weights) at 32 px unless `options` say
+    otherwise."""
+    from pipeline.config import JobConfig
+
+    options = {"image_size": 32, **options}
+    return JobConfig(input=str(src), output=str(out), model="vit_ti_16", weights="random", **options)
 
 
 def job_env(head: RayHead | None = None, **extra: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from pipeline.run import run
 from pipeline.sample import encode, photo_like
 from pipeline.sources import walk as walk_module
 from pipeline.sources.walk import Walker, explore
-from tests.conftest import job_env
+from tests.conftest import job_env, small_config
 from tests.ray_head import RayHead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,16 +103,7 @@ def test_unit_ids_of_partitions_never_meet_the_drivers_units():
 
 
 def _config(src: Path, out: Path, **kw) -> JobConfig:
-    return JobConfig(
-        input=str(src),
-        output=str(out),
-        model="vit_ti_16",
-        weights="random",
-        image_size=32,
-        batch_size=8,
-        commit_interval_s=0,
-        **kw,
-    )
+    return small_config(src, out, batch_size=8, commit_interval_s=0, **kw)
 
 
 def _keys(out: Path) -> list[str]:

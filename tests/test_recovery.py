@@ -20,7 +20,7 @@ from pipeline.config import JobConfig
 from pipeline.embed import FakeEmbedPatches
 from pipeline.run import run
 from pipeline.sample import encode, photo_like
-from tests.conftest import job_env
+from tests.conftest import job_env, small_config
 from tests.ray_head import RayHead
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -53,15 +53,7 @@ def _keys(out: Path) -> list[str]:
 
 def _small_config(src: Path, out: Path, batch_size: int) -> JobConfig:
     """The tests' job in-process: a tiny model at 32 px, a commit after every part."""
-    return JobConfig(
-        input=str(src),
-        output=str(out),
-        model="vit_ti_16",
-        weights="random",
-        image_size=32,
-        batch_size=batch_size,
-        commit_interval_s=0,
-    )
+    return small_config(src, out, batch_size=batch_size, commit_interval_s=0)
 
 
 def _job(cwd: Path, head: RayHead, *args: str, crash_at: str) -> subprocess.CompletedProcess:

@@ -20,11 +20,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.config import JobConfig
 from pipeline.embed import FakeEmbedPatches
 from pipeline.run import run
 from pipeline.sample import encode, photo_like
-from tests.conftest import job_env
+from tests.conftest import job_env, small_config
 from tests.ray_head import RayHead
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,10 +33,7 @@ SMALL = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "-
 FAKE = {"embedding_dim": 192, "num_classes": 1000}
 
 
-def _config(src: Path, out: Path, **options) -> JobConfig:
-    """The tests' job in-process: a tiny model at 32 px."""
-    options = {"image_size": 32, **options}
-    return JobConfig(input=str(src), output=str(out), model="vit_ti_16", weights="random", **options)
+_config = small_config
 
 
 def _images(root: Path, n: int, seed: int = 0) -> set[str]:
