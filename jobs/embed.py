@@ -30,6 +30,7 @@ from pipeline.config import (  # noqa: E402
     CPU_BATCH_SIZE,
     DEFAULT_MAX_ERROR_RATE,
     DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_TOPK,
     FORMATS,
     GPU_BATCH_SIZE,
     ConfigError,
@@ -47,6 +48,11 @@ def _triple(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Comma-separated column names."""
+    return tuple(name.strip() for name in text.split(","))
 
 
 def version_text() -> str:
@@ -103,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", default="auto", choices=FORMATS, help="input kind; auto decides by extension")
     p.add_argument("--image-column", default="image", help="Parquet inputs: the column with image bytes")
     p.add_argument("--key-column", default=None, help="Parquet inputs: a column to use as the row key")
+    p.add_argument(
+        "--keep-columns",
+        type=_names,
+        default=(),
+        metavar="A,B",
+        help="Parquet inputs: columns copied to the output unchanged (e.g. caption,url,id)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: the preset's)")
     p.add_argument(
         "--batch-size",
@@ -118,7 +131,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_ERROR_RATE,
         help="fraction of error rows above which the run exits with status 1",
     )
-    p.add_argument("--class-names", default=None, help="file with one class name per line, or a JSON list")
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="file with one class name per line, or a JSON list; 'none' for no names (default: the "
+        "checkpoint's own, or ImageNet-1k's for 1,000-class checkpoints)",
+    )
+    p.add_argument(
+        "--topk",
+        type=int,
+        default=DEFAULT_TOPK,
+        help="the most probable classes written per row (top_classes, top_scores, top_names); 0: none",
+    )
+    p.add_argument(
+        "--logits",
+        default="full",
+        choices=("full", "none"),
+        help="none: write only the top-k columns, not the logits vector (about half the bytes per row)",
+    )
     p.add_argument(
         "--mean",
         type=_triple,

@@ -14,6 +14,25 @@ DEFAULT_MAX_ERROR_RATE = 0.05
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 64
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # a larger loose file, tar member or Parquet value is an error row
+DEFAULT_TOPK = 5
+# Columns the job writes itself (pipeline/sink.py, and the sidecars of webdataset inputs): --keep-columns
+# cannot pass an input column of the same name through.
+OWN_COLUMNS = (
+    "key",
+    "embedding",
+    "logits",
+    "top_classes",
+    "top_scores",
+    "top_names",
+    "width",
+    "height",
+    "bytes_sha256",
+    "run_id",
+    "error",
+    "json",
+    "txt",
+    "cls",
+)
 
 
 class ConfigError(ValueError):
@@ -51,9 +70,13 @@ class JobConfig:
     commit_interval_s: float = 10.0  # how often complete units are committed while the run goes on
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # larger objects become error rows, unread
     retry_errors: bool = False  # re-read and re-embed the inputs whose committed rows are errors
+    topk: int = DEFAULT_TOPK  # the most probable classes written per row (0: none)
+    logits: str = "full"  # full: write the logits vector; none: only the top-k columns
+    keep_columns: tuple[str, ...] = ()  # Parquet inputs: columns passed through to the output
     extra: dict[str, str] = field(default_factory=dict)  # free-form metadata recorded in the footer
 
     def __post_init__(self) -> None:
+        taken = sorted(set(self.keep_columns) & set(OWN_COLUMNS))
         checks = [
             (bool(self.input), "--input is required: a local directory or s3://bucket/prefix."),
             (bool(self.output), "--output is required: a local directory or s3://bucket/prefix."),
@@ -102,6 +125,23 @@ class JobConfig:
             (
                 0 <= self.commit_interval_s < math.inf,
                 f"--commit-interval is a number of seconds, 0 or more, not {self.commit_interval_s}.",
+            ),
+            (self.topk >= 0, f"--topk is a number of classes, 0 or more, not {self.topk}."),
+            (self.logits in ("full", "none"), f"--logits must be full or none, not {self.logits!r}."),
+            (
+                len(set(self.keep_columns)) == len(self.keep_columns) and all(self.keep_columns),
+                "--keep-columns names each column once, comma-separated, not "
+                f"{','.join(self.keep_columns)!r}.",
+            ),
+            (
+                not taken,
+                f"--keep-columns cannot keep {', '.join(taken)}: the output has columns of those names of "
+                f"its own ({', '.join(OWN_COLUMNS)}).",
+            ),
+            (
+                not {self.image_column, self.key_column} & set(self.keep_columns),
+                "--keep-columns cannot keep the --image-column or --key-column: the output already holds "
+                "them as the embedding and the key.",
             ),
             _check_triple("--mean", self.mean, positive=False),
             _check_triple("--std", self.std, positive=True),

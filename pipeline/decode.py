@@ -48,6 +48,7 @@ __all__ = [
     "as_bytes",
     "check_sizes",
     "to_patches",
+    "to_patches_sized",
 ]
 
 DEFAULT_MAX_PIXELS: int = 178_956_970  # = 2 × PIL.Image.MAX_IMAGE_PIXELS, where Pillow itself refuses
@@ -81,11 +82,23 @@ def to_patches(
     Raises `DecodeError` when the bytes cannot be decoded (empty, not an image, truncated, too many
     pixels) and `ValueError` for impossible sizes.
     """
+    return to_patches_sized(data, image_size, patch_size, resize_size=resize_size, max_pixels=max_pixels)[0]
+
+
+def to_patches_sized(
+    data: bytes,
+    image_size: int = 224,
+    patch_size: int = 16,
+    *,
+    resize_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`to_patches`, and the image's (width, height) before resizing, after EXIF orientation."""
     resize_size = check_sizes(image_size, patch_size, resize_size)
     g = image_size // patch_size
     out = np.empty((g * g, patch_size * patch_size * 3), dtype=np.uint8)
-    _patches_into(out, data, image_size, patch_size, resize_size, max_pixels)
-    return out
+    size = _patches_into(out, data, image_size, patch_size, resize_size, max_pixels)
+    return out, size
 
 
 class DecodePatches:
@@ -93,7 +106,9 @@ class DecodePatches:
 
     Never raises for a bad image: its row gets `error = "decode: <ExceptionClass>: <message>"` and zero
     patches. Rows that arrive with an error (from the read stage) pass through unchanged, as do their zeros.
-    Adds `decode_s`: each row's share of the batch's decode time (the run's per-stage report adds them up).
+    Adds `width` and `height` (int32, the image's size before resizing, after EXIF orientation; -1 where it
+    was not decoded) and `decode_s`: each row's share of the batch's decode time (the run's per-stage
+    report adds them up).
     """
 
     def __init__(
@@ -117,6 +132,7 @@ class DecodePatches:
         errors_in = error_column(batch)
         g = self.image_size // self.patch_size
         patches = np.zeros((n, g * g, self.patch_size * self.patch_size * 3), dtype=np.uint8)
+        sizes = np.full((n, 2), -1, dtype=np.int32)
         errors = np.empty(n, dtype=object)
         for i in range(n):
             previous = errors_in[i]
@@ -127,7 +143,7 @@ class DecodePatches:
             try:
                 if item is None:
                     raise DecodeError("cannot decode image: the row has no image bytes")
-                _patches_into(patches[i], as_bytes(item), *self._sizes)
+                sizes[i] = _patches_into(patches[i], as_bytes(item), *self._sizes)
                 errors[i] = None
             except Exception as e:  # a bad image is a row, never a crash
                 patches[i] = 0
@@ -135,16 +151,25 @@ class DecodePatches:
         # Columns this stage does not know (e.g. the run's bookkeeping) pass through unchanged.
         passthrough = {k: v for k, v in batch.items() if k not in ("bytes", "error")}
         seconds = np.full(n, (time.perf_counter() - t0) / max(1, n))
-        return {**passthrough, "patches": patches, "error": errors, "decode_s": seconds}
+        return {
+            **passthrough,
+            "patches": patches,
+            "error": errors,
+            "width": sizes[:, 0],
+            "height": sizes[:, 1],
+            "decode_s": seconds,
+        }
 
 
 def _patches_into(
     out: np.ndarray, data: bytes, image_size: int, patch_size: int, resize_size: int, max_pixels: int
-) -> None:
-    """Decodes `data` and writes its patches into `out` ((image_size // patch_size)², patch_size² · 3)."""
-    img = _decode_resize_crop(data, image_size, resize_size, max_pixels)  # (S, S, 3) uint8, maybe a view
+) -> tuple[int, int]:
+    """Decodes `data` and writes its patches into `out` ((image_size // patch_size)², patch_size² · 3);
+    returns the image's (width, height) as decoded and oriented, before resizing."""
+    img, size = _decode_resize_crop(data, image_size, resize_size, max_pixels)  # (S, S, 3) uint8
     grid = patch_grid(img, patch_size)  # (g, g, P, P, 3), a view
     np.copyto(out.reshape(grid.shape), grid)
+    return size
 
 
 def check_sizes(image_size: int, patch_size: int, resize_size: int | None) -> int:
@@ -182,7 +207,7 @@ def as_bytes(item: Any) -> bytes:
 
 def _decode_resize_crop(
     data: bytes | memoryview, image_size: int, resize_size: int, max_pixels: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, tuple[int, int]]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"to_patches() expects bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -205,10 +230,12 @@ def _decode_resize_crop(
                     if orientation >= 5:
                         w, h = h, w
                     mirror_x, mirror_y = orientation in (2, 3, 6, 7), orientation in (3, 4, 7, 8)
-                    return resize_crop_array(
+                    img = resize_crop_array(
                         orient(arr, orientation), w, h, 2**k, image_size, resize_size, mirror_x, mirror_y
                     )
-    return _resize_crop_pil(_open_rgb(data, head, max_pixels), image_size, resize_size)
+                    return img, (w, h)
+    rgb = _open_rgb(data, head, max_pixels)
+    return _resize_crop_pil(rgb, image_size, resize_size), rgb.size
 
 
 def _check_pixels(w: int, h: int, max_pixels: int) -> None:

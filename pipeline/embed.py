@@ -1,4 +1,4 @@
-"""Embed: uint8 patches → (CLS embedding, logits), in an actor that builds the ViT once.
+"""Embed: uint8 patches → (CLS embedding, logits, top-k classes), in an actor that builds the ViT once.
 
 `EmbedPatches` is the real stage (weights are loaded inside the actor, never pickled from the driver);
 `FakeEmbedPatches` is its cheap deterministic twin with the same batch contract, for pipeline tests and
@@ -54,16 +54,59 @@ class ModelSpec:
         )
 
 
+@dataclass(frozen=True)
+class Heads:
+    """What the model's classification head gives each row: `logits` (the full vector, in its output
+    dtype) when `keep_logits`, and the `topk` most probable classes (softmax over the float32 logits)."""
+
+    logits_dtype: str = "float32"
+    keep_logits: bool = True
+    topk: int = 5
+
+    def columns(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 logits `[B, C]` → the output columns `logits`, `top_classes` (int32 `[B, K]`) and
+        `top_scores` (float32 `[B, K]`), K = min(topk, C)."""
+        out: dict[str, np.ndarray] = {}
+        if self.keep_logits:
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond float16: inf, refused later
+                out["logits"] = logits.astype(self.logits_dtype)
+        k = min(self.topk, logits.shape[1])
+        if k > 0:
+            out["top_classes"], out["top_scores"] = top_k(logits, k)
+        return out
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest logits' classes (int32, best first) and their softmax probabilities (float32)."""
+    x = np.asarray(logits, dtype=np.float32)
+    if x.shape[1] > k:
+        idx = np.argpartition(-x, k - 1, axis=1)[:, :k]
+    else:
+        idx = np.broadcast_to(np.arange(x.shape[1]), x.shape).copy()
+    rows = np.arange(len(x))[:, None]
+    order = np.argsort(-x[rows, idx], axis=1, kind="stable")
+    idx = idx[rows, order]
+    with np.errstate(over="ignore", invalid="ignore"):
+        shifted = np.exp(x - x.max(axis=1, keepdims=True))
+        probs = shifted[rows, idx] / shifted.sum(axis=1, keepdims=True)
+    return idx.astype(np.int32), probs.astype(np.float32)
+
+
 def _outputs(
-    batch: dict[str, np.ndarray], embedding: np.ndarray, logits: np.ndarray | None, seconds: float
+    batch: dict[str, np.ndarray],
+    embedding: np.ndarray,
+    logits: np.ndarray | None,
+    heads: Heads,
+    seconds: float,
 ) -> dict:
-    """The batch without its patches, plus the model outputs and `embed_s` (this batch's model time per
-    row, for the run's per-stage report); other columns pass through unchanged."""
+    """The batch without its patches, plus the model outputs (`heads.columns` of the float32 `logits`)
+    and `embed_s` (this batch's model time per row, for the run's per-stage report); other columns pass
+    through unchanged."""
     out = {k: v for k, v in batch.items() if k != "patches"}
     out["embedding"] = embedding
     out["embed_s"] = np.full(len(embedding), seconds / max(1, len(embedding)))
     if logits is not None:
-        out["logits"] = logits
+        out.update(heads.columns(logits))
     return out
 
 
@@ -73,12 +116,16 @@ NON_FINITE_ERROR = (
 )
 
 
-def _refuse_non_finite(errors: np.ndarray, embedding: np.ndarray, logits: np.ndarray | None) -> None:
-    """Rows whose embedding or logits (in their output dtype) are not all finite become error rows with
-    zero vectors: a NaN or infinite vector is never written as a successful row."""
+def _refuse_non_finite(
+    errors: np.ndarray, embedding: np.ndarray, logits: np.ndarray | None, heads: Heads
+) -> None:
+    """Rows whose embedding or logits (float32, or their output dtype when written) are not all finite
+    become error rows with zero vectors: a NaN or infinite vector is never written as a successful row."""
     bad = ~np.isfinite(embedding).all(axis=1)
     if logits is not None:
-        bad |= ~np.isfinite(logits).all(axis=1)
+        dtype = heads.logits_dtype if heads.keep_logits else "float32"
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad |= ~np.isfinite(logits.astype(dtype)).all(axis=1)
     bad &= ok_mask(errors)
     if bad.any():
         log.warning("%d of %d rows had NaN or infinite model outputs", int(bad.sum()), len(bad))
@@ -110,6 +157,8 @@ class EmbedPatches:
         compile: bool = False,
         decode: dict | None = None,
         pieces: int | None = None,
+        keep_logits: bool = True,
+        topk: int = 5,
     ) -> None:
         import torch
 
@@ -126,7 +175,7 @@ class EmbedPatches:
         model = self.loaded.model.eval().to(self.device)
         self.model = compile_model(model) if compile else model
         self.embedding_dtype = np.dtype(embedding_dtype)
-        self.logits_dtype = np.dtype(logits_dtype)
+        self.heads = Heads(logits_dtype, keep_logits, topk)
         self.embedding_dim = self.loaded.model.config.hidden_dim
         self.num_classes = self.loaded.model.config.num_classes
         self.decoder = None
@@ -194,6 +243,11 @@ class EmbedPatches:
         patches, decode_errors = self.decoder([batch["bytes"][i] for i in idx])
         errors[idx] = np.array(decode_errors, dtype=object)
         rest = {k: v for k, v in batch.items() if k != "bytes"}
+        sizes = np.full((len(errors), 2), -1, dtype=np.int32)
+        for i, size, error in zip(idx, self.decoder.sizes, decode_errors, strict=True):
+            if size is not None and error is None:
+                sizes[i] = size
+        rest["width"], rest["height"] = sizes[:, 0], sizes[:, 1]
         rest["decode_s"] = np.full(len(errors), (time.perf_counter() - start) / max(1, len(errors)))
         return patches[torch.tensor([e is None for e in decode_errors], dtype=torch.bool)], rest
 
@@ -207,7 +261,7 @@ class EmbedPatches:
         n = len(batch["key"])
         ok = ok_mask(errors)
         embedding = np.zeros((n, self.embedding_dim), self.embedding_dtype)
-        logits = np.zeros((n, self.num_classes), self.logits_dtype) if self.num_classes else None
+        logits = np.zeros((n, self.num_classes), np.float32) if self.num_classes else None
         if ok.any():
             try:
                 if patches is None:  # all rows fine (the usual case): no copy of the batch's patches
@@ -220,9 +274,9 @@ class EmbedPatches:
             except Exception as e:  # the model failed on this batch: its rows become error rows
                 log.exception("embedding a batch of %d images failed", int(ok.sum()))
                 errors[ok] = f"embed: {type(e).__name__}: {e}"
-        _refuse_non_finite(errors, embedding, logits)
+        _refuse_non_finite(errors, embedding, logits, self.heads)
         seconds = time.perf_counter() - start
-        return _outputs({**batch, "error": errors}, embedding, logits, seconds)
+        return _outputs({**batch, "error": errors}, embedding, logits, self.heads, seconds)
 
 
 class FakeEmbedPatches:
@@ -238,9 +292,12 @@ class FakeEmbedPatches:
         embedding_dtype: str = "float32",
         logits_dtype: str = "float32",
         delay_s: float = 0.0,
+        keep_logits: bool = True,
+        topk: int = 5,
     ) -> None:
         self.embedding_dim, self.num_classes, self.delay_s = embedding_dim, num_classes, delay_s
-        self.embedding_dtype, self.logits_dtype = np.dtype(embedding_dtype), np.dtype(logits_dtype)
+        self.embedding_dtype = np.dtype(embedding_dtype)
+        self.heads = Heads(logits_dtype, keep_logits, topk)
         self._proj: np.ndarray | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -262,6 +319,7 @@ class FakeEmbedPatches:
         return _outputs(
             {**batch, "error": errors},
             emb.astype(self.embedding_dtype),
-            None if logits is None else logits.astype(self.logits_dtype),
+            logits,
+            self.heads,
             time.perf_counter() - start,
         )

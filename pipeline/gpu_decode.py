@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, as_bytes, check_sizes, to_patches
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, as_bytes, check_sizes, to_patches_sized
 from pipeline.jpeg import MAX_JPEG_SCANS, is_jpeg, jpeg_header, too_many_scans
 from vit.preprocess import crop_offsets, patchify, resized_size
 
@@ -81,7 +81,8 @@ class GpuDecoder:
     """Encoded images → (uint8 patches `[B, N, P·P·3]` on `device`, per-item error or None). Never raises
     for a bad image.
 
-    `stats` counts batches, images, images decoded on the device (`gpu_images`), on the CPU path
+    `sizes` holds the (width, height) of each image of the last call before resizing (None where not
+    decoded). `stats` counts batches, images, images decoded on the device (`gpu_images`), on the CPU path
     (`cpu_images`), errors, batched decode calls that raised (`batch_failures`) and wall seconds (device
     work may still be queued when a call returns). `fallback_reasons` counts why images took the CPU path.
     """
@@ -117,6 +118,7 @@ class GpuDecoder:
             "seconds": 0.0,
         }
         self.fallback_reasons: Counter[str] = Counter()
+        self.sizes: list[tuple[int, int] | None] = []  # (width, height) of the last call's images
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -128,6 +130,7 @@ class GpuDecoder:
         s, p = self.image_size, self.patch_size
         out = torch.zeros((n, self.grid**2, p * p * 3), dtype=torch.uint8, device=self.device)
         errors: list[str | None] = [None] * n
+        self.sizes = [None] * n  # known from the JPEG header, or from the CPU path
         data: list[bytes | None] = [None] * n
         gpu: list[tuple[int, int, int]] = []  # (index, width, height)
         cpu: list[int] = []
@@ -144,6 +147,7 @@ class GpuDecoder:
                 self._fallback(cpu, i, size)
                 continue
             w, h = size
+            self.sizes[i] = size
             nw, nh = resized_size(w, h, self.resize_size)
             if nw * nh > _MAX_CROP_AREA * s * s:
                 self._fallback(cpu, i, "aspect ratio")
@@ -170,7 +174,7 @@ class GpuDecoder:
             if raw is None:  # cannot happen: only items with bytes are routed
                 continue
             try:
-                host[len(done)] = to_patches(
+                host[len(done)], self.sizes[i] = to_patches_sized(
                     raw, s, p, resize_size=self.resize_size, max_pixels=self.max_pixels
                 )
                 done.append(i)

@@ -55,9 +55,22 @@ IDENTITY_KEYS = (
     "embedding_dtype",
     "logits_dtype",
     "seed",
+    "columns",  # the output's columns and types (pipeline.sink.OutputSpec.columns): one schema per output
 )
 # Identity fields that older outputs may not record; compared only when both runs record them.
 _OPTIONAL_IDENTITY_KEYS = ("seed",)
+
+
+def _columns_diff(theirs: str | None, ours: str | None) -> str:
+    """What differs between two OutputSpec.columns() lines, in words."""
+    if theirs is None:
+        return "written by an earlier version of the output schema, without a record of its columns"
+    a, b = theirs.split("; "), (ours or "").split("; ")
+    gone, new = [c for c in a if c not in b], [c for c in b if c not in a]
+    parts = ([f"there, not now: {', '.join(gone)}"] if gone else []) + (
+        [f"now, not there: {', '.join(new)}"] if new else []
+    )
+    return ". ".join(parts) or "the same columns in another order"
 
 
 class OutputConflictError(ValueError):
@@ -188,9 +201,17 @@ class Ledger:
                 if str(theirs.get(k)) != str(identity.get(k))
                 and not (k in _OPTIONAL_IDENTITY_KEYS and k not in theirs)
             ]
+            if diff == ["columns"]:
+                raise OutputConflictError(
+                    f"{self.output} already holds rows from run {run_id} with other columns "
+                    f"({_columns_diff(theirs.get('columns'), identity.get('columns'))}); rerun with that "
+                    "run's options (--topk, --logits, --class-names, --keep-columns) or write to a new "
+                    "--output, so that one output has one schema."
+                )
             if diff:
                 details = "; ".join(
-                    f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:3]
+                    f"{k}: {theirs.get(k)!r} there, {identity.get(k)!r} now"
+                    for k in [k for k in diff if k != "columns"][:3]
                 )
                 raise OutputConflictError(
                     f"{self.output} already holds rows from run {run_id} made with a different model or "

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, JobConfig
+from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, ConfigError, JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, check_sizes
 from pipeline.discover import DiscoverUnits, PartitionReport, stream_above
 from pipeline.embed import ModelSpec
@@ -26,7 +26,9 @@ from pipeline.ledger import Ledger
 from pipeline.sink import OutputSpec
 from pipeline.sources import Shard, check_parquet_columns, check_unique_keys, list_shards
 from pipeline.sources.listing import classify, make_shards
+from pipeline.sources.parquet import kept_column_types
 from pipeline.sources.walk import Entry, Partition, Walker, explore
+from pipeline.sources.webdataset import SIDECARS
 from pipeline.storage import resolve_uri
 from pipeline.units import MAX_FILES_PER_UNIT, Unit
 
@@ -111,9 +113,11 @@ def model_spec(config: JobConfig) -> ModelSpec:
     return ModelSpec(preset=config.model, **{name: getattr(config, name) for name in names})
 
 
-def identity(config: JobConfig, loaded: LoadedModel, resize_size: int) -> dict[str, str]:
-    """What makes rows comparable: model, weights, preprocessing, dtypes (pipeline/ledger.py compares it
-    between runs into one output); also the footer metadata of every data file."""
+def identity(
+    config: JobConfig, loaded: LoadedModel, resize_size: int, output: OutputSpec
+) -> dict[str, str]:
+    """What makes rows comparable: model, weights, preprocessing, the output's columns (pipeline/ledger.py
+    compares it between runs into one output); also the footer metadata of every data file."""
     mc = loaded.model.config
     ident = {k: v for k, v in loaded.identity().items() if k not in ("preset", "sha256")}
     ident.update(
@@ -140,10 +144,43 @@ def identity(config: JobConfig, loaded: LoadedModel, resize_size: int) -> dict[s
             "version": project_version(),
         }
     )
+    from vit.checkpoints import IMAGENET_1K
+
     if loaded.class_names:
-        ident["class_names"] = json.dumps(loaded.class_names)
+        # The shipped ImageNet-1k names by name (the rows' top_names hold them), others in full.
+        shipped = loaded.class_names_source == IMAGENET_1K
+        ident["class_names"] = IMAGENET_1K if shipped else json.dumps(loaded.class_names)
+    ident["columns"] = output.columns()
     ident.update(config.extra)
     return ident
+
+
+def output_spec(config: JobConfig, loaded: LoadedModel, shards: list[Shard], streamed: bool) -> OutputSpec:
+    """The output's columns: the model's, and those passed through from the input (a tar sample's
+    sidecars; a Parquet input's --keep-columns, typed as in its first file)."""
+    mc = loaded.model.config
+    kinds = {s.kind for s in shards}
+    extra: tuple[tuple[str, Any], ...] = ()
+    if config.keep_columns:
+        parquet = [s for s in shards if s.kind == "parquet"]
+        if streamed or not parquet:
+            raise ConfigError(
+                "--keep-columns passes columns of Parquet inputs through, and this input has no Parquet "
+                "files (a webdataset input's json, txt and cls sidecars are kept without it)."
+            )
+        extra = kept_column_types(config.input, parquet[0], config.keep_columns)
+    elif "webdataset" in kinds:
+        extra = SIDECARS
+    return OutputSpec(
+        mc.hidden_dim,
+        mc.num_classes,
+        config.embedding_dtype,
+        config.logits_dtype,
+        logits=config.logits == "full",
+        topk=config.topk,
+        class_names=tuple(loaded.class_names) if loaded.class_names else None,
+        extra=extra,
+    )
 
 
 def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
@@ -152,8 +189,6 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     loaded = spec.load()  # validates the weights here, once, before any worker starts
     mc = loaded.model.config
     resize_size = check_sizes(mc.image_size, mc.patch_size, None)  # the decode stage's default
-    ident = identity(config, loaded, resize_size)
-    output = OutputSpec(mc.hidden_dim, mc.num_classes, config.embedding_dtype, config.logits_dtype)
 
     partitions, listed = streamed_partitions(config)
     if partitions:
@@ -165,6 +200,8 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     parquet = [s for s in shards if s.kind == "parquet"]
     if parquet:  # the image and key columns, on one file's schema
         check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
+    output = output_spec(config, loaded, shards, bool(partitions))
+    ident = identity(config, loaded, resize_size, output)
     if lease is not None:
         lease.acquire()
     ledger = Ledger.read(config.output)

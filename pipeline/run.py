@@ -200,6 +200,7 @@ def build_dataset(
         "image_column": config.image_column,
         "key_column": config.key_column,
         "max_image_bytes": config.max_object_bytes,
+        "keep_columns": job.output.extra if config.keep_columns else (),
     }
     decode_kwargs = job.decode_settings()
     on_device = config.decode == "gpu"
@@ -223,10 +224,12 @@ def build_dataset(
             "compile": config.compile,
             "decode": decode_kwargs if on_device else None,
         }
+    # What the model's head writes is the output's: also for a stand-in embedder (tests, benchmarks).
+    heads = {"keep_logits": job.output.logits, "topk": job.output.topk}
     ds = ds.map_batches(
         embedder,
         batch_size=actors.batch_size,
-        fn_constructor_kwargs=embedder_kwargs or {},
+        fn_constructor_kwargs={**(embedder_kwargs or {}), **heads},
         compute=ray.data.ActorPoolStrategy(size=actors.size),
         **actors.remote_args,
     )

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.rows import SHARD_ERROR_SUFFIX, error_column, ok_mask
+from pipeline.rows import SHARD_ERROR_SUFFIX, error_column, ok_mask, optional_column, unpack_extra
 from pipeline.storage import make_dirs, relative_path, resolve_uri
 from pipeline.units import Part
 
@@ -36,29 +36,66 @@ log = logging.getLogger(__name__)
 METADATA_PREFIX = "vit_embed."
 STAGING_DIR = "_staging"
 STAGES = ("read", "decode", "embed")  # stages whose per-row seconds arrive as `<stage>_s` columns
+# The output table's columns, as OutputSpec.schema() writes them; recorded in every footer. Raise it with
+# any change of a column's name, type or meaning (README "Output" documents each version's columns).
+SCHEMA_VERSION = "2"
 ROW_GROUP_ROWS = 16_384
 _ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """Shape and types of the output columns."""
+    """Shape and types of the output columns; `schema()` is the one definition of the table's schema.
+
+    `logits`: write the full logits vector (`--logits full`); `topk`: write the `topk` most probable
+    classes and their softmax scores (0: not); `class_names`: also write the top classes' names; `extra`:
+    the (name, Arrow type) of columns passed through from the input (pipeline.rows.pack_extra).
+    """
 
     embedding_dim: int
-    num_classes: int  # 0: the model has no classification head, no `logits` column
+    num_classes: int  # 0: the model has no classification head, no `logits` or top-k columns
     embedding_dtype: str = "float32"
     logits_dtype: str = "float32"
+    logits: bool = True
+    topk: int = 0
+    class_names: tuple[str, ...] | None = None
+    extra: tuple[tuple[str, pa.DataType], ...] = ()
+
+    @property
+    def k(self) -> int:
+        """Columns of the top-k lists: `topk`, at most the number of classes."""
+        return min(self.topk, self.num_classes)
 
     def schema(self, metadata: Mapping[str, str] | None = None) -> pa.Schema:
         fields = [
             pa.field("key", pa.string(), nullable=False),
             pa.field("embedding", pa.list_(_ARROW_DTYPES[self.embedding_dtype], self.embedding_dim)),
         ]
-        if self.num_classes:
+        if self.num_classes and self.logits:
             fields.append(pa.field("logits", pa.list_(_ARROW_DTYPES[self.logits_dtype], self.num_classes)))
-        fields.append(pa.field("error", pa.string()))
+        if self.k:
+            fields += [
+                pa.field("top_classes", pa.list_(pa.int32())),
+                pa.field("top_scores", pa.list_(pa.float32())),
+            ]
+            if self.class_names:
+                fields.append(pa.field("top_names", pa.list_(pa.string())))
+        fields += [
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("bytes_sha256", pa.string()),
+            pa.field("run_id", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+        fields += [pa.field(name, type_) for name, type_ in self.extra]
         meta = {f"{METADATA_PREFIX}{k}": str(v) for k, v in (metadata or {}).items()}
-        return pa.schema(fields, metadata=meta or None)
+        meta[f"{METADATA_PREFIX}schema_version"] = SCHEMA_VERSION
+        return pa.schema(fields, metadata=meta)
+
+    def columns(self) -> str:
+        """The columns and their types in one line: what a run records so that one output never holds
+        two schemas (pipeline/ledger.py compares it between runs)."""
+        return "; ".join(f"{f.name}: {f.type}" for f in self.schema())
 
 
 def footer_metadata(table_or_path: pa.Table | pa.Schema | pq.ParquetFile) -> dict[str, str]:
@@ -84,7 +121,25 @@ def _vectors(values: np.ndarray, ok: np.ndarray, width: int, dtype: str) -> pa.F
     return pa.FixedSizeListArray.from_arrays(flat, width, mask=mask)
 
 
-def to_table(batch: Mapping[str, np.ndarray], spec: OutputSpec, schema: pa.Schema | None = None) -> pa.Table:
+def _lists(values: np.ndarray, ok: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+    """`[B, K]` values → list<type_>, null where `ok` is False."""
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type_)
+    mask = pa.array(~ok) if not ok.all() else None
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=mask).cast(pa.list_(type_))
+
+
+def _sizes(batch: Mapping[str, np.ndarray], name: str, n: int) -> pa.Array:
+    """The `width` or `height` column: int32, null where the stage did not learn it (-1) or absent."""
+    raw = batch.get(name)
+    if raw is None:
+        return pa.nulls(n, pa.int32())
+    values = np.asarray(raw, dtype=np.int32).reshape(n)
+    return pa.array(values, pa.int32(), mask=values < 0)
+
+
+def to_table(
+    batch: Mapping[str, np.ndarray], spec: OutputSpec, schema: pa.Schema | None = None, run_id: str = ""
+) -> pa.Table:
     """An embed-stage batch (see ARCHITECTURE.md) → an Arrow table with the output schema."""
     errors = error_column(batch)
     ok = ok_mask(errors)
@@ -98,10 +153,29 @@ def to_table(batch: Mapping[str, np.ndarray], spec: OutputSpec, schema: pa.Schem
             spec.embedding_dtype,
         ),
     }
-    if spec.num_classes:
+    if spec.num_classes and spec.logits:
         logits = np.asarray(batch["logits"]).reshape(n, spec.num_classes)
         columns["logits"] = _vectors(logits, ok, spec.num_classes, spec.logits_dtype)
+    if spec.k:
+        classes = np.asarray(batch["top_classes"], dtype=np.int32).reshape(n, spec.k)
+        columns["top_classes"] = _lists(classes, ok, pa.int32())
+        columns["top_scores"] = _lists(np.asarray(batch["top_scores"]).reshape(n, spec.k), ok, pa.float32())
+        if spec.class_names:
+            names = pa.array(spec.class_names, pa.string()).take(pa.array(classes.reshape(-1)))
+            mask = pa.array(~ok) if not ok.all() else None
+            columns["top_names"] = pa.FixedSizeListArray.from_arrays(names, spec.k, mask=mask).cast(
+                pa.list_(pa.string())
+            )
+    columns["width"] = _sizes(batch, "width", n)
+    columns["height"] = _sizes(batch, "height", n)
+    columns["bytes_sha256"] = pa.array(list(optional_column(batch, "bytes_sha256")), pa.string())
+    columns["run_id"] = pa.array([run_id] * n, pa.string())
     columns["error"] = pa.array(list(errors), pa.string())
+    if spec.extra:
+        packed = optional_column(batch, "extra", bytes)
+        rows = [unpack_extra(p, len(spec.extra)) for p in packed]
+        for i, (name, type_) in enumerate(spec.extra):
+            columns[name] = pa.array([r[i] for r in rows], type_)
     return pa.Table.from_pydict(columns, schema=schema or spec.schema())
 
 
@@ -170,7 +244,7 @@ class ParquetSink:
             start = time.perf_counter()
             idx = np.flatnonzero(units == unit)
             sub = {k: np.asarray(v)[idx] for k, v in batch.items()}
-            table = to_table(sub, self.spec, schema)
+            table = to_table(sub, self.spec, schema, self.run_id)
             failed = table["error"].is_valid().to_numpy(zero_copy_only=False)
             shards: dict[str, tuple[int, int]] = {}
             for shard, bad in zip(sub["shard"], failed):

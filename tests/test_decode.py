@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline import decode, resample
-from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, DecodePatches, to_patches
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, DecodePatches, to_patches, to_patches_sized
 from pipeline.jpeg import jpeg_header
 from pipeline.sample import natural_array as natural_like
 from pipeline.sample import photo_array as photo_like
@@ -224,6 +224,18 @@ def test_exif_orientation_with_dct_scaling(orientation: int, size: tuple[int, in
     exif[0x0112] = orientation
     data = encode(photo_like(*size), "JPEG", quality=90, exif=exif.tobytes())
     assert psnr(image(data), reference(data)) >= 40
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])  # the libjpeg-turbo path and the Pillow path
+@pytest.mark.parametrize("size", [(200, 120), (1200, 800)])
+def test_source_size_is_as_displayed(fmt: str, size: tuple[int, int]) -> None:
+    for orientation, shown in ((1, size), (3, size), (6, size[::-1]), (8, size[::-1])):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = encode(photo_like(*size), fmt, exif=exif.tobytes())
+        patches, got = to_patches_sized(data)
+        assert got == shown
+        np.testing.assert_array_equal(patches, to_patches(data))
 
 
 def test_exif_rotate_90_clockwise_moves_top_left_to_top_right() -> None:
@@ -488,7 +500,7 @@ def test_decode_patches_rows_errors_and_passthrough() -> None:
     }
     stage = DecodePatches(image_size=224, patch_size=16)
     out = stage(batch)
-    assert set(out) == {"key", "shard", "patches", "error", "decode_s"}
+    assert set(out) == {"key", "shard", "patches", "error", "width", "height", "decode_s"}
     assert list(out["key"]) == [r[0] for r in rows] and list(out["shard"]) == ["s0"] * len(rows)
     assert out["patches"].shape == (len(rows), 196, 768) and out["patches"].dtype == np.uint8
     err = out["error"]
@@ -501,6 +513,17 @@ def test_decode_patches_rows_errors_and_passthrough() -> None:
     assert np.all(out["patches"][5] == 255)
     for i in (1, 2, 3, 4, 6, 7):
         assert not out["patches"][i].any()
+    # the source size before resizing; -1 where the image was not decoded
+    assert [(int(w), int(h)) for w, h in zip(out["width"], out["height"])] == [
+        (320, 240),
+        (-1, -1),
+        (-1, -1),
+        (-1, -1),
+        (-1, -1),
+        (9, 9),
+        (-1, -1),
+        (-1, -1),
+    ]
     assert out["decode_s"].shape == (len(rows),) and (out["decode_s"] > 0).all()
 
 

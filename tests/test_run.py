@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline.config import JobConfig
 from pipeline.embed import FakeEmbedPatches
@@ -65,6 +67,15 @@ def _check_output(table: pa.Table, expected_keys: set[str], dim: int = 192, clas
     ok = table.filter(pa.compute.is_null(table["error"]))
     emb = np.array(ok["embedding"].to_pylist(), dtype=np.float32)
     assert np.isfinite(emb).all() and (np.abs(emb).sum(axis=1) > 0).all()
+    # The top-5 classes are the logits' five largest, scored by softmax.
+    logits = np.array(ok["logits"].to_pylist(), dtype=np.float32)
+    top = np.array(ok["top_classes"].to_pylist())
+    np.testing.assert_array_equal(top, np.argsort(-logits, axis=1, kind="stable")[:, :5])
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    expected_scores = np.take_along_axis(probs, top, axis=1)
+    np.testing.assert_allclose(np.array(ok["top_scores"].to_pylist()), expected_scores, rtol=1e-4)
+    assert len(set(table["run_id"].to_pylist())) >= 1 and None not in table["run_id"].to_pylist()
 
 
 def test_local_files_to_local_output(tmp_path: Path, ray_local: None):
@@ -122,15 +133,33 @@ def test_all_input_kinds_from_s3(
         "tars": {"shard-0.tar#a/s1", "shard-0.tar#a/s2"},
         "pq": {"part.parquet#0", "part.parquet#1"},
     }
+    source = {f"dir {i % 2}/im{i}.JPG": imgs[i] for i in range(3)}
+    source |= {"shard-0.tar#a/s1": imgs[3], "shard-0.tar#a/s2": imgs[4], "part.parquet#0": imgs[5]}
     for prefix, keys in expected.items():
         out = f"s3://{s3_bucket}/out-{prefix}" if output_kind == "s3" else str(tmp_path / f"out-{prefix}")
-        summary = run(JobConfig(input=f"s3://{s3_bucket}/{prefix}", output=out, max_error_rate=0.6, **SMALL))
+        keep = ("id",) if prefix == "pq" else ()
+        summary = run(
+            JobConfig(
+                input=f"s3://{s3_bucket}/{prefix}", output=out, max_error_rate=0.6, keep_columns=keep, **SMALL
+            )
+        )
         table = _read_output(out)
         _check_output(table, keys)
         assert summary.processed == len(keys)
+        rows = {r["key"]: r for r in table.to_pylist()}
+        for key, data in source.items():  # provenance: the source's size and bytes, the run
+            if key in rows:
+                size = Image.open(io.BytesIO(data)).size
+                assert (rows[key]["width"], rows[key]["height"]) == size
+                assert rows[key]["bytes_sha256"] == hashlib.sha256(data).hexdigest()
+                assert rows[key]["run_id"] == summary.run_id
+        if prefix == "tars":  # the sidecars, null where a sample has none
+            assert (rows["shard-0.tar#a/s1"]["json"], rows["shard-0.tar#a/s2"]["json"]) == ("{}", None)
+            assert table.schema.field("cls").type == pa.int64()
         if prefix == "pq":
             err = dict(zip(table["key"].to_pylist(), table["error"].to_pylist()))["part.parquet#1"]
             assert err and err.startswith("read: ")
+            assert [rows[f"part.parquet#{i}"]["id"] for i in (0, 1)] == [0, 1]
 
 
 def test_fake_embedder_and_float16(tmp_path: Path, ray_local: None):

@@ -37,8 +37,37 @@ def test_to_table_types_and_nulls():
 
 
 def test_headless_model_has_no_logits_column():
-    t = to_table(_batch(2, 4, 3, set()), OutputSpec(4, 0))
-    assert t.column_names == ["key", "embedding", "error"]
+    t = to_table(_batch(2, 4, 3, set()), OutputSpec(4, 0, topk=5))
+    assert t.column_names == ["key", "embedding", "width", "height", "bytes_sha256", "run_id", "error"]
+
+
+def test_top_k_provenance_and_passed_through_columns():
+    from pipeline.embed import top_k
+    from pipeline.rows import pack_extra
+
+    names = ("cat", "dog", "fox", "owl", "emu")
+    spec = OutputSpec(8, 5, topk=3, logits=False, class_names=names, extra=(("id", pa.int64()),))
+    batch = _batch(3, 8, 5, bad={1})
+    batch["top_classes"], batch["top_scores"] = top_k(batch["logits"], 3)
+    batch["width"] = np.array([640, -1, 300], np.int32)
+    batch["height"] = np.array([480, -1, 200], np.int32)
+    batch["bytes_sha256"] = np.array(["ab" * 32, None, "cd" * 32], dtype=object)
+    big = 2**62 + 1  # an int64 that a float would change: passed-through values cross Ray Data as bytes
+    batch["extra"] = np.array([pack_extra([big]), None, pack_extra([None])], dtype=object)
+    t = to_table(batch, spec, run_id="r7")
+    assert "logits" not in t.column_names
+    assert t.schema.field("top_classes").type == pa.list_(pa.int32())
+    assert t.schema.field("top_scores").type == pa.list_(pa.float32())
+    assert t.schema.field("top_names").type == pa.list_(pa.string())
+    best = np.argsort(-batch["logits"], axis=1)[:, :3]
+    assert t["top_classes"].to_pylist() == [best[0].tolist(), None, best[2].tolist()]
+    assert t["top_names"].to_pylist()[2] == [names[c] for c in best[2]]
+    probs = np.exp(batch["logits"][0]) / np.exp(batch["logits"][0]).sum()
+    np.testing.assert_allclose(t["top_scores"].to_pylist()[0], probs[best[0]], rtol=1e-5)
+    assert t["width"].to_pylist() == [640, None, 300] and t["height"].to_pylist() == [480, None, 200]
+    assert t["bytes_sha256"].to_pylist() == ["ab" * 32, None, "cd" * 32]
+    assert t["run_id"].to_pylist() == ["r7"] * 3
+    assert t["id"].to_pylist() == [big, None, None]
 
 
 def _unit_batch(n: int, dim: int, classes: int, bad: set[int], unit: int, shard: str, total: int = -1):
@@ -75,7 +104,8 @@ def test_parts_per_unit_then_one_file_per_unit(tmp_path):
     assert table.num_rows == 10 and table["error"].null_count == 8
     f = pq.ParquetFile(out / names[0])
     assert f.metadata.num_rows == 7
-    assert footer_metadata(f) == {"model": "vit_ti_16", "weights_sha256": "abc"}
+    assert footer_metadata(f) == {"model": "vit_ti_16", "weights_sha256": "abc", "schema_version": "2"}
+    assert set(table["run_id"].to_pylist()) == {"run1"}
     col = f.metadata.row_group(0).column(1)
     assert col.path_in_schema == "embedding.list.element" and col.compression == "ZSTD"
     # float16: no byte-stream-split, which DuckDB cannot read on half floats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.rows import unpack_extra
 from pipeline.sources import (
     SHARD_ERROR_SUFFIX,
     InputError,
@@ -29,6 +31,7 @@ from pipeline.sources import (
     resolve_uri,
     shards_to_items,
 )
+from pipeline.sources.parquet import kept_column_types
 
 # --------------------------------------------------------------------------------------------------------
 # helpers
@@ -88,7 +91,7 @@ def read_all(
     batch = items_batch(shards)
     rows: list[tuple[str, str, bytes | None, str | None]] = []
     for out in reader(batch):
-        assert list(out) == ["key", "shard", "bytes", "error"]
+        assert list(out) == ["key", "shard", "bytes", "error", "extra", "bytes_sha256"]
         n = len(out["key"])
         assert 1 <= n <= limit
         for column in out.values():
@@ -412,6 +415,68 @@ def test_parquet_keys_row_groups_and_nulls(tmp_path: Path) -> None:
     assert keyed["dir/part 0.parquet#4"] == (None, "read: key column 'id' is null in row 4")
 
 
+def _extras(uri: str, width: int, **kwargs) -> dict[str, tuple]:
+    """key → (passed-through values, bytes_sha256) of every row read from `uri`."""
+    out: dict[str, tuple] = {}
+    for batch in ReadShards(uri, **kwargs)(items_batch(list_shards(uri))):
+        for key, extra, sha in zip(batch["key"], batch["extra"], batch["bytes_sha256"], strict=True):
+            out[key] = (unpack_extra(extra, width), sha)
+    return out
+
+
+def test_parquet_keep_columns_pass_through_typed(tmp_path: Path) -> None:
+    big = 2**62 + 1
+    first = pa.table(
+        {
+            "image": pa.array([PNG, JPG, None], pa.binary()),
+            "caption": ["a cat", None, "a fox"],
+            "id": pa.array([big, 2, None], pa.int64()),
+            "tags": pa.array([["x", "y"], [], None], pa.list_(pa.string())),
+        }
+    )
+    second = pa.table({"image": pa.array([PNG], pa.binary()), "id": pa.array([7], pa.int32())})
+    third = pa.table({"image": pa.array([PNG], pa.binary()), "id": pa.array(["seven"])})
+    write_files(
+        tmp_path,
+        {
+            "a.parquet": parquet_bytes(first),
+            "b.parquet": parquet_bytes(second),
+            "c.parquet": parquet_bytes(third),
+        },
+    )
+    keep = kept_column_types(str(tmp_path), list_shards(str(tmp_path))[0], ("caption", "id", "tags"))
+    assert keep == (("caption", pa.string()), ("id", pa.int64()), ("tags", pa.list_(pa.string())))
+    got = _extras(str(tmp_path), 3, keep_columns=keep)
+    assert got["a.parquet#0"] == (("a cat", big, ["x", "y"]), hashlib.sha256(PNG).hexdigest())
+    assert got["a.parquet#1"][0] == (None, 2, [])
+    assert got["a.parquet#2"] == (("a fox", None, None), None)  # a null image: an error row, still kept
+    assert got["b.parquet#0"][0] == (None, 7, None)  # no caption or tags in this file; int32 → int64
+    error = by_key(read_all(str(tmp_path), keep_columns=keep))["c.parquet" + SHARD_ERROR_SUFFIX][1]
+    assert "column 'id' is string in this file but int64 in the output" in error
+    with pytest.raises(InputError, match="has no column 'url'"):
+        kept_column_types(str(tmp_path), list_shards(str(tmp_path))[0], ("url",))
+
+
+def test_tar_sidecars_are_kept_with_their_sample(tmp_path: Path) -> None:
+    members = [
+        ("0000.jpg", JPG),
+        ("0000.json", b'{"url": "http://x/0"}'),
+        ("0000.txt", "caption é".encode()),
+        ("0000.cls", b"7\n"),
+        ("0001.cls", b"not a number"),
+        ("0001.jpg", JPG),
+        ("0002.png", PNG),  # a sample held to the end (a JPEG could still follow)
+        ("0002.txt", b"late caption"),
+        ("0003.txt", b"no image"),
+    ]
+    write_files(tmp_path, {"s.tar": tar_bytes(members)})
+    got = _extras(str(tmp_path), 3)
+    assert got["s.tar#0000"] == (('{"url": "http://x/0"}', "caption é", 7), hashlib.sha256(JPG).hexdigest())
+    assert got["s.tar#0001"][0] == (None, None, None)
+    assert got["s.tar#0002"][0] == (None, "late caption", None)
+    assert got["s.tar#0003"] == ((None, "no image", None), None)  # an error row keeps its sidecars
+
+
 def test_parquet_custom_and_struct_columns(tmp_path: Path) -> None:
     hf = pa.table(
         {"img": [{"bytes": PNG, "path": "x.png"}, None, {"bytes": None, "path": "y"}], "n": [1, 2, 3]}
@@ -707,7 +772,7 @@ def test_batches_takes_shards_like_the_column_interface(tmp_path: Path) -> None:
     def batch_rows(batches) -> list[list[tuple]]:
         out = []
         for batch in batches:
-            assert list(batch) == ["key", "shard", "bytes", "error"]
+            assert list(batch) == ["key", "shard", "bytes", "error", "extra", "bytes_sha256"]
             assert all(column.dtype == object for column in batch.values())
             out.append(list(zip(batch["key"], batch["shard"], batch["bytes"], batch["error"], strict=True)))
         return out
@@ -791,7 +856,7 @@ def test_tar_restarts_after_transient_failure_without_duplicates(tmp_path: Path)
     rows = list(reader.read_shard(shard))
     assert flaky.opens[shard.path] == 3
     assert [r[0] for r in rows] == [f"s.tar#{i:04d}" for i in range(6)]
-    assert all(err is None for _, _, err in rows)
+    assert all(err is None for _, _, err, *_ in rows)
 
     flaky = FlakyFS(failures=5, fail_after=len(data) // 2)
     reader = ReadShards(str(tmp_path), filesystem=flaky, retries=1, retry_backoff_s=0)  # type: ignore[arg-type]
@@ -799,7 +864,7 @@ def test_tar_restarts_after_transient_failure_without_duplicates(tmp_path: Path)
     keys = [r[0] for r in rows]
     assert len(keys) == len(set(keys)) and keys[-1] == "s.tar#.error"
     assert "could not be read to the end: OSError: connection reset" in str(rows[-1][2])
-    assert all(err is None for _, _, err in rows[:-1]) and len(rows) >= 2
+    assert all(err is None for _, _, err, *_ in rows[:-1]) and len(rows) >= 2
 
 
 def test_loose_file_retried(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import torch
@@ -40,7 +42,18 @@ from vit.convert import (
 )
 from vit.model import IMAGENET_MEAN, IMAGENET_STD, PRESETS, VisionTransformer
 
-__all__ = ["CheckpointError", "LoadedModel", "load_model", "read_class_names"]
+__all__ = [
+    "IMAGENET_1K",
+    "NO_CLASS_NAMES",
+    "CheckpointError",
+    "LoadedModel",
+    "imagenet_class_names",
+    "load_model",
+    "read_class_names",
+]
+
+NO_CLASS_NAMES = "none"  # class_names=NO_CLASS_NAMES: no names, not even the checkpoint's or ImageNet's
+IMAGENET_1K = "imagenet-1k"  # the source of the class names shipped with the package
 
 HALF = (0.5, 0.5, 0.5)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -214,6 +227,7 @@ class LoadedModel:
     std: tuple[float, float, float]
     class_names: list[str] | None
     seed: int | None
+    class_names_source: str | None = None  # "given", "checkpoint" or IMAGENET_1K
 
     def identity(self) -> dict[str, str]:
         """What produced the outputs, as flat strings (recorded in the Parquet footer)."""
@@ -271,8 +285,10 @@ def load_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = VisionTransformer(config, mean_, std_).eval()
-        names = read_class_names(class_names, config.num_classes, resolve) if class_names else None
-        return LoadedModel(model, preset, "random", None, "random", mean_, std_, names, seed)
+        given = class_names if class_names and class_names != NO_CLASS_NAMES else None
+        names = read_class_names(given, config.num_classes, resolve) if given else None
+        source = "given" if names else None
+        return LoadedModel(model, preset, "random", None, "random", mean_, std_, names, seed, source)
 
     files = _read_files(weights, resolve)
     name = repr(weights)
@@ -317,13 +333,35 @@ def load_model(
     model.load_state_dict(sd, strict=True, assign=True)
     model.set_normalization(mean_, std_)
 
-    names = (
-        read_class_names(class_names, config.num_classes, resolve)
-        if class_names
-        else _hf_labels(hf, config.num_classes)
-    )
+    names, source = _class_names(class_names, hf, config.num_classes, resolve)
     sha = hashlib.sha256(files.data).hexdigest()
-    return LoadedModel(model.eval(), preset, weights, sha, fmt, mean_, std_, names, None)
+    return LoadedModel(model.eval(), preset, weights, sha, fmt, mean_, std_, names, None, source)
+
+
+def _class_names(
+    given: str | None, hf_config: dict[str, Any] | None, num_classes: int, resolve: Resolver
+) -> tuple[list[str] | None, str | None]:
+    """The names of a checkpoint's classes and where they come from: the file `given` (NO_CLASS_NAMES:
+    none), else the checkpoint's own (a Hugging Face config's id2label), else ImageNet-1k's for a
+    1,000-class head (what torchvision's and timm's ImageNet checkpoints are)."""
+    if given == NO_CLASS_NAMES:
+        return None, None
+    if given:
+        return read_class_names(given, num_classes, resolve), "given"
+    names = _hf_labels(hf_config, num_classes)
+    if names:
+        return names, "checkpoint"
+    if num_classes == len(imagenet_class_names()):
+        return list(imagenet_class_names()), IMAGENET_1K
+    return None, None
+
+
+@cache
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names in class-index order (torchvision's short names), shipped with
+    the package: the default names of a 1,000-class checkpoint without names of its own."""
+    text = resources.files("vit").joinpath("imagenet1k_classes.txt").read_text("utf-8")
+    return tuple(text.rstrip("\n").split("\n"))
 
 
 def _hf_labels(hf_config: dict[str, Any] | None, num_classes: int) -> list[str] | None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 T = TypeVar("T")
 
-Row = tuple[str, "bytes | None", "str | None"]  # key, bytes, error (the shard column is added by ReadShards)
+# key, bytes, error and, where the reader passes values through to the output, their
+# pipeline.rows.pack_extra bytes (the shard column is added by ReadShards)
+Row = tuple[str, bytes | None, str | None] | tuple[str, bytes | None, str | None, bytes | None]
 STREAM_BUFFER_BYTES = 8 * 2**20  # one ranged GET per 8 MiB when streaming a tar or Parquet file from S3
 
 
@@ -21,6 +24,7 @@ class Settings(Protocol):
     rows_per_batch: int
     max_image_bytes: int
     max_pending_bytes: int
+    keep_columns: tuple[tuple[str, pa.DataType], ...]  # Parquet inputs: columns passed to the output
 
     @property
     def fs(self) -> pafs.FileSystem: ...

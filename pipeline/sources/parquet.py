@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.rows import SHARD_ERROR_SUFFIX
+from pipeline.rows import SHARD_ERROR_SUFFIX, pack_extra
 from pipeline.sources.base import STREAM_BUFFER_BYTES, Row, Settings, too_big
 from pipeline.sources.listing import Shard
 from pipeline.storage import InputError, is_s3, resolve_uri
@@ -32,6 +32,10 @@ def read_parquet(settings: Settings, shard: Shard) -> Iterator[Row]:
     if problem:
         yield err_key, None, "read: " + problem
         return
+    kept, problem = _kept_columns(pf.schema_arrow, settings.keep_columns)
+    if problem:
+        yield err_key, None, "read: " + problem
+        return
     columns = [settings.image_column]
     if settings.key_column is not None and settings.key_column != settings.image_column:
         columns.append(settings.key_column)
@@ -40,7 +44,7 @@ def read_parquet(settings: Settings, shard: Shard) -> Iterator[Row]:
     first = 0  # index of the row group's first row in the file
     for rg in range(pf.num_row_groups):
         n_rows = pf.metadata.row_group(rg).num_rows
-        group = _RowGroup(settings, pf, shard.rel, rg, first, columns)
+        group = _RowGroup(settings, pf, shard.rel, rg, first, columns, kept)
         try:
             yield from settings.retrying(f"{shard.rel} row group {rg}", group.rows)
         except Exception as e:
@@ -59,22 +63,63 @@ def _open(settings: Settings, shard: Shard) -> pq.ParquetFile:
     )
 
 
+def _kept_columns(
+    schema: pa.Schema, keep: tuple[tuple[str, pa.DataType], ...]
+) -> tuple[list[tuple[str, pa.DataType] | None], str | None]:
+    """The `--keep-columns` this file has (None for one it lacks: its values are null), and why they
+    cannot be passed through, when a column's type here cannot become the output's."""
+    kept: list[tuple[str, pa.DataType] | None] = []
+    for name, declared in keep:
+        if name not in schema.names:
+            kept.append(None)
+            continue
+        here = schema.field(name).type
+        if here != declared and not _castable(here, declared):
+            return [], (
+                f"Parquet column {name!r} is {here} in this file but {declared} in the output (the type "
+                "of the first Parquet file of the input): --keep-columns needs one type across the input"
+            )
+        kept.append((name, declared))
+    return kept, None
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    """Whether Arrow casts `source` to `target` without changing what the values mean: between integer
+    widths, float widths, string or binary sizes and views, and to a larger type."""
+    groups = [
+        (pa.types.is_integer,),
+        (pa.types.is_floating,),
+        (pa.types.is_string, pa.types.is_large_string),
+        (pa.types.is_binary, pa.types.is_large_binary),
+    ]
+    return any(any(g(source) for g in group) and any(g(target) for g in group) for group in groups)
+
+
 class _RowGroup:
     """One row group's rows; ``rows`` called again after a failure resumes after the rows already emitted."""
 
     def __init__(
-        self, settings: Settings, pf: pq.ParquetFile, rel: str, rg: int, first: int, columns: list[str]
+        self,
+        settings: Settings,
+        pf: pq.ParquetFile,
+        rel: str,
+        rg: int,
+        first: int,
+        columns: list[str],
+        kept: list[tuple[str, pa.DataType] | None],
     ) -> None:
         self.settings, self.pf, self.rel, self.rg, self.columns = settings, pf, rel, rg, columns
+        self.kept = kept
         self.first = first  # index of the row group's first row in the file
         self.read = 0  # rows of this row group already emitted
 
     def rows(self, _last: bool) -> Iterator[Row]:
         seen = 0
+        present = [k[0] for k in self.kept if k is not None and k[0] not in self.columns]
         for rb in self.pf.iter_batches(
             batch_size=self.settings.rows_per_batch,
             row_groups=[self.rg],
-            columns=self.columns,
+            columns=self.columns + present,
             use_threads=False,
         ):
             if seen + rb.num_rows <= self.read:  # emitted before a retry
@@ -82,10 +127,24 @@ class _RowGroup:
                 continue
             images = rb.column(0).to_pylist()
             keys = rb.column(1).to_pylist() if len(self.columns) > 1 else None
+            extra = self._extra(rb)
             for j in range(max(0, self.read - seen), rb.num_rows):
-                yield _parquet_row(self.settings, self.rel, self.first + seen + j, images[j], keys, j)
+                row = _parquet_row(self.settings, self.rel, self.first + seen + j, images[j], keys, j)
+                yield row if extra is None else (*row, pack_extra([v[j] for v in extra]))
                 self.read = seen + j + 1
             seen += rb.num_rows
+
+    def _extra(self, rb: pa.RecordBatch) -> list[list[Any]] | None:
+        """The kept columns' values of a record batch, in the output's types; None when none is kept."""
+        if not self.kept:
+            return None
+        values: list[list[Any]] = []
+        for k in self.kept:
+            if k is None:
+                values.append([None] * rb.num_rows)
+            else:
+                values.append(rb.column(k[0]).cast(k[1]).to_pylist())
+        return values
 
 
 def _parquet_row(settings: Settings, rel: str, index: int, value: Any, keys: list | None, j: int) -> Row:
@@ -189,6 +248,28 @@ def check_parquet_columns(input_uri: str, shard: Shard, image_column: str, key_c
     )
     if problem:
         raise InputError(problem + ".")
+
+
+def kept_column_types(
+    input_uri: str, shard: Shard, names: tuple[str, ...]
+) -> tuple[tuple[str, pa.DataType], ...]:
+    """The (name, type) of the `--keep-columns` in one Parquet shard (the first of the input): the output
+    columns they become. Raises InputError when the file lacks one or cannot be read."""
+    where = _where(input_uri, shard)
+    try:
+        with resolve_uri(input_uri)[0].open_input_file(shard.path) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(
+            f"Cannot read the columns of Parquet file {where} to type --keep-columns: {_describe(e, 200)}."
+        ) from e
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        raise InputError(
+            f"Parquet file {where} has no column {missing[0]!r} (columns: {_listed(schema.names)}); "
+            "--keep-columns names columns of the input."
+        )
+    return tuple((n, schema.field(n).type) for n in names)
 
 
 def _key_values(fs: pafs.FileSystem, shard: Shard, column: str) -> Iterator[tuple[int, Any]]:

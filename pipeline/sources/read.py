@@ -3,12 +3,14 @@ format, every retry through :meth:`ReadShards.retrying`."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.rows import SHARD_ERROR_SUFFIX
@@ -22,7 +24,7 @@ from pipeline.storage import resolve_uri
 
 log = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS = ("key", "shard", "bytes", "error")
+OUTPUT_COLUMNS = ("key", "shard", "bytes", "error", "extra", "bytes_sha256")
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 DEFAULT_MAX_PENDING_BYTES = 1024 * 2**20
 
@@ -47,8 +49,10 @@ class ReadShards:
     In: columns ``path``, ``rel``, ``kind``, ``size`` and optionally ``keys`` (None, or the keys to read
     again; see :func:`shards_to_items`); or :class:`Shard` objects through :meth:`batches`. Out: batches of
     at most ``rows_per_batch`` rows with ``key`` (str), ``shard`` (str, the Shard's rel), ``bytes`` (bytes or
-    None) and ``error`` (str or None), all numpy object arrays. Never raises for a bad input.
-    ``max_image_bytes`` is ``--max-object-bytes``.
+    None), ``error`` (str or None), ``extra`` (the values passed through to the output, as
+    :func:`pipeline.rows.pack_extra` bytes, or None) and ``bytes_sha256`` (hex SHA-256 of the bytes, or
+    None), all numpy object arrays. Never raises for a bad input. ``max_image_bytes`` is
+    ``--max-object-bytes``; ``keep_columns`` the (name, Arrow type) of Parquet columns to pass through.
 
     The filesystem is built lazily in the worker and is not pickled with the callable.
     """
@@ -64,6 +68,7 @@ class ReadShards:
         retries: int = 2,
         retry_backoff_s: float = 0.5,
         filesystem: pafs.FileSystem | None = None,
+        keep_columns: Iterable[tuple[str, pa.DataType]] = (),
     ) -> None:
         if rows_per_batch < 1:
             raise ValueError("rows_per_batch must be >= 1")
@@ -75,6 +80,7 @@ class ReadShards:
         self.max_pending_bytes = int(max_pending_bytes)
         self.retries = max(0, int(retries))
         self.retry_backoff_s = float(retry_backoff_s)
+        self.keep_columns = tuple(keep_columns)
         self._fs = filesystem
 
     def __getstate__(self) -> dict[str, Any]:
@@ -102,10 +108,12 @@ class ReadShards:
 
     def batches(self, shards: Iterable[Shard]) -> Iterator[dict[str, np.ndarray]]:
         """The rows of ``shards`` in batches of at most ``rows_per_batch`` rows (columns: OUTPUT_COLUMNS)."""
-        rows: list[tuple[str, str, bytes | None, str | None]] = []
+        rows: list[tuple] = []
         for shard in shards:
-            for key, data, error in self.read_shard(shard):
-                rows.append((key, shard.rel, data, error))
+            for row in self.read_shard(shard):
+                key, data, error, *extra = row
+                sha = None if data is None else hashlib.sha256(data).hexdigest()
+                rows.append((key, shard.rel, data, error, extra[0] if extra else None, sha))
                 if len(rows) >= self.rows_per_batch:
                     yield _to_batch(rows)
                     rows = []
@@ -155,7 +163,7 @@ class ReadShards:
                 time.sleep(delay)
 
 
-def _to_batch(rows: list[tuple[str, str, bytes | None, str | None]]) -> dict[str, np.ndarray]:
+def _to_batch(rows: list[tuple]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for c, name in enumerate(OUTPUT_COLUMNS):
         column = np.empty(len(rows), dtype=object)

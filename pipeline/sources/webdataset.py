@@ -1,8 +1,14 @@
 """Webdataset tar shards: members grouped by sample key, one row per sample, read in one streaming pass.
 
-A sample is emitted as soon as its top-preference (``.jpg``) member is read; other samples are held (their
-image bytes only) until the end of the shard, or until ``max_pending_bytes`` is exceeded, when the held
-samples that have an image are emitted early.
+A sample with its top-preference (``.jpg``) member is emitted when the next sample's first member is read
+(webdataset writes a sample's members together), so that its sidecars (``.json``, ``.txt``, ``.cls``) that
+follow the image are in its row; other samples are held (their image bytes and sidecars only) until the
+end of the shard, or until ``max_pending_bytes`` is exceeded, when the held samples that have an image are
+emitted early. Members of a sample that arrive after it was emitted are skipped.
+
+Sidecars become the output columns SIDECARS: ``json`` and ``txt`` as the member's text (UTF-8; invalid
+bytes replaced), ``cls`` as an integer (null when the text is not one); null when the sample has no such
+member or it is over ``--max-object-bytes``.
 """
 
 from __future__ import annotations
@@ -10,14 +16,24 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from pipeline.rows import SHARD_ERROR_SUFFIX
+import pyarrow as pa
+
+from pipeline.rows import SHARD_ERROR_SUFFIX, pack_extra
 from pipeline.sources.base import STREAM_BUFFER_BYTES, Row, Settings, too_big
 from pipeline.sources.listing import Shard, wanted_keys
 from pipeline.storage import describe as _describe
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")  # tar member preference order
 _IMAGE_RANK = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
+# The output columns of a tar sample's sidecar members, by member extension (lower case).
+SIDECARS: tuple[tuple[str, pa.DataType], ...] = (
+    ("json", pa.string()),
+    ("txt", pa.string()),
+    ("cls", pa.int64()),
+)
+_SIDECAR_EXTS = frozenset(name for name, _ in SIDECARS)
 
 
 @dataclass
@@ -28,10 +44,31 @@ class _Sample:
     rank: int = len(IMAGE_EXTENSIONS)  # preference rank of the chosen image member; len() = none yet
     data: bytes | None = None
     error: str | None = None
+    sidecars: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def has_image(self) -> bool:
         return self.rank < len(IMAGE_EXTENSIONS)
+
+    @property
+    def size(self) -> int:
+        """Bytes held: the image's and the sidecars'."""
+        return len(self.data or b"") + sum(len(v) for v in self.sidecars.values())
+
+    def extra(self) -> bytes:
+        """The sidecar columns' values (SIDECARS), packed for the output."""
+        values: list[Any] = []
+        for name, _ in SIDECARS:
+            raw = self.sidecars.get(name)
+            text = None if raw is None else raw.decode("utf-8", errors="replace")
+            if name == "cls" and text is not None:
+                try:
+                    values.append(int(text.strip()))
+                except ValueError:
+                    values.append(None)
+            else:
+                values.append(text)
+        return pack_extra(values)
 
 
 @dataclass
@@ -116,6 +153,7 @@ def _tar_stream(
 ) -> Iterator[Row]:
     notes = _TarNotes()
     pending_bytes = 0
+    current: str | None = None  # the sample whose members are being read
     wanted = wanted_keys(shard)
     with settings.fs.open_input_stream(shard.path, compression=None, buffer_size=STREAM_BUFFER_BYTES) as raw:
         try:
@@ -138,8 +176,24 @@ def _tar_stream(
                     if wanted is not None and f"{shard.rel}#{split[0]}" not in wanted:
                         continue  # a retry of other samples
                     key, ext = split
+                    if key != current:  # the previous sample's members are all read
+                        held = pending.get(current) if current is not None else None
+                        if held is not None and held.rank == 0:  # nothing can be preferred to its image
+                            pending_bytes -= held.size
+                            yield _emit(shard, done, current, pending.pop(current))  # type: ignore[arg-type]
+                        current = key
                     sample = pending.setdefault(key, _Sample())
                     sample.exts.append(ext)
+                    if ext.lower() in _SIDECAR_EXTS and member.size <= settings.max_image_bytes:
+                        try:
+                            sample.sidecars[ext.lower()] = tf.extractfile(member).read()  # type: ignore[union-attr]
+                            pending_bytes += member.size
+                        except tarfile.ReadError as e:  # the archive ends inside this member
+                            notes.problems.append(
+                                f"the archive ends early, inside member {member.name!r} ({e})"
+                            )
+                            break
+                        continue
                     rank = _IMAGE_RANK.get(ext.lower())
                     if rank is None or rank >= sample.rank:
                         continue
@@ -155,9 +209,7 @@ def _tar_stream(
                             sample.error = f"read: tar member {member.name!r} is truncated ({e})"
                             notes.problems.append(f"the archive ends inside member {member.name!r}")
                             break
-                    if rank == 0:  # nothing can be preferred to it: emit now, keep memory flat
-                        yield _emit(shard, done, key, pending.pop(key))
-                    elif pending_bytes > settings.max_pending_bytes:  # exactness yields to bounded memory
+                    if pending_bytes > settings.max_pending_bytes:  # exactness yields to bounded memory
                         for k in [k for k, s in pending.items() if s.has_image]:
                             yield _emit(shard, done, k, pending.pop(k))
                         pending_bytes = 0
@@ -175,9 +227,14 @@ def _emit(shard: Shard, done: set[str], key: str, sample: _Sample) -> Row:
     """The row of a finished tar sample; marks it done."""
     done.add(key)
     if sample.has_image:
-        return f"{shard.rel}#{key}", sample.data, sample.error
+        return f"{shard.rel}#{key}", sample.data, sample.error, sample.extra()
     found = ", ".join(dict.fromkeys(e.lower() for e in sample.exts))
-    return f"{shard.rel}#{key}", None, f"read: tar sample has no image member (found: {found})"
+    return (
+        f"{shard.rel}#{key}",
+        None,
+        f"read: tar sample has no image member (found: {found})",
+        sample.extra(),
+    )
 
 
 def _tar_problem(notes: _TarNotes, end: int) -> str | None:
