@@ -59,15 +59,45 @@ def _one_sentence(stderr: str) -> str:
         (["--input", "in", "--output", "in", *SMALL], "--output"),
         (["--input", "in", "--output", "in/embeddings", *SMALL], "--output"),
         (["--input", "empty", "--output", "o", *SMALL], "empty"),
+        (["--input", "in", "--output", "o", *SMALL, "--keep-columns", "caption"], "Parquet inputs through"),
+        (["--input", "in", "--output", "o", *SMALL, "--keep-columns", "url,key"], "cannot keep key"),
+        (["--input", "in", "--output", "o", *SMALL, "--topk", "-1"], "--topk"),
     ],
 )
-def test_cannot_run_exits_2_with_one_sentence(tmp_path: Path, args: list[str], expect: str):
+def test_cannot_run_exits_2_with_one_sentence(
+    tmp_path: Path, args: list[str], expect: str, monkeypatch, capsys
+):
     make_sample(tmp_path / "in", n=2)
     (tmp_path / "empty").mkdir()
-    proc = _job(*args, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert expect in _one_sentence(proc.stderr)
+    code, err = _main_without_ray(args, tmp_path, monkeypatch, capsys)
+    assert code == 2, err
+    assert expect in _one_sentence(err)
     assert not (tmp_path / "o").exists(), "a run that cannot start must not write anything"
+
+
+def _main_without_ray(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """`jobs/embed.py` in this process (the imports are paid once, not per case), in `cwd`, with Ray's
+    start made to fail: (exit status, stderr). The process as a user starts it is covered by
+    test_a_bad_argument_exits_2_from_the_command_line."""
+    import pipeline.run
+    from jobs.embed import main
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray was started for a run that cannot run")
+
+    monkeypatch.setattr(pipeline.run, "ensure_ray", no_ray)
+    monkeypatch.chdir(cwd)
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_a_bad_argument_exits_2_from_the_command_line(tmp_path: Path):
+    make_sample(tmp_path / "in", n=2)
+    proc = _job("--input", "in", "--output", "o", *SMALL, "--std", "0,0,0", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--std must be above 0" in _one_sentence(proc.stderr)
+    assert "Started a local Ray instance" not in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_run_that_breaks_off_exits_3_and_says_to_run_again(tmp_path, monkeypatch, capsys):
@@ -154,18 +184,20 @@ def _truncated_safetensors(tmp_path: Path) -> None:
         (["--actor-cpus", "0"], None, ["--actor-cpus must be a positive number"]),
     ],
 )
-def test_bad_arguments_and_weights_exit_2_before_ray_starts(tmp_path: Path, args, make, expect):
+def test_bad_arguments_and_weights_exit_2_before_ray_starts(
+    tmp_path: Path, args, make, expect, monkeypatch, capsys
+):
     make_sample(tmp_path / "in", n=2)
     if make:
         make(tmp_path)
     small = dict(zip(SMALL[::2], SMALL[1::2]))
     small.update(zip(args[::2], args[1::2]))
-    proc = _job("--input", "in", "--output", "o", *[x for kv in small.items() for x in kv], cwd=tmp_path)
-    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
-    line = _one_sentence(proc.stderr)
+    argv = ["--input", "in", "--output", "o", *[x for kv in small.items() for x in kv]]
+    code, err = _main_without_ray(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2, err[-3000:]
+    line = _one_sentence(err)
     assert all(e in line for e in expect), line
     assert "weights_only=False" not in line and "unpickling" not in line
-    assert "Started a local Ray instance" not in proc.stderr, "Ray was started for a run that cannot run"
     assert not (tmp_path / "o" / "_runs").exists()
 
 
