@@ -281,6 +281,23 @@ def test_class_names(tmp_path: pathlib.Path, ti_state: dict) -> None:
         load_model("vit_ti_16", path, class_names=str(tmp_path / "three.txt"))
 
 
+def test_default_class_names(tmp_path: pathlib.Path) -> None:
+    """A 1,000-class checkpoint without names of its own gets ImageNet-1k's (shipped, torchvision's
+    order); `none` turns names off; random weights get none unless given; other class counts get none."""
+    from vit.checkpoints import IMAGENET_1K, NO_CLASS_NAMES, imagenet_class_names
+
+    names = imagenet_class_names()
+    assert len(names) == 1000 == len(set(names)) and names[:2] == ("tench", "goldfish")
+    torch.manual_seed(0)
+    path = save_pth(tmp_path / "vit.pth", build_model("vit_ti_16", image_size=32).state_dict())
+    loaded = load_model("vit_ti_16", path)
+    assert loaded.class_names == list(names) and loaded.class_names_source == IMAGENET_1K
+    assert load_model("vit_ti_16", path, class_names=NO_CLASS_NAMES).class_names is None
+    assert load_model("vit_ti_16", "random", image_size=32).class_names is None
+    four = save_pth(tmp_path / "four.pth", build_model("vit_ti_16", **TI).state_dict())
+    assert load_model("vit_ti_16", four).class_names is None
+
+
 @pytest.mark.integration
 def test_load_from_s3(s3_bucket: str, tmp_path: pathlib.Path, ti_state: dict) -> None:
     import boto3
