@@ -3,11 +3,13 @@
 Runs the real stages without Ray, in this process: ``--images`` photo-like images from
 ``pipeline.sample.make_sample`` (JPEG q90, 1 in 8 PNG, 160–640 px) → ``DecodePatches`` (224 px) →
 ``EmbedPatches`` (``vit_b_16`` with random weights, CPU, fp32: 768-d CLS embedding, 1000 logits), then writes
-the same rows five ways and reads the sizes back from the files:
+the same rows seven ways and reads the sizes back from the files:
 
 - **ours**: float16 + float16 with the pipeline's own writer (``pipeline.sink.to_table`` +
   ``write_parquet``: zstd, dictionary for key/error, byte-stream-split on float32 leaves only: DuckDB
-  cannot read it on float16 columns);
+  cannot read it on float16 columns), without top-k columns; then with the job's default top-5 classes,
+  scores and (ImageNet-1k) names; then with ``--logits none`` (top-5 only). Every variant has the
+  provenance columns (width, height, bytes_sha256, run_id);
 - float16 + float16, zstd, byte-stream-split (smaller, but DuckDB cannot read it);
 - float16 + float16, byte-stream-split, zstd level 19 instead of Arrow's default 1 (a lossless lever);
 - float32 + float32 with the pipeline's writer (byte-stream-split);
@@ -37,6 +39,7 @@ a byte-wise lossless coder. Rerun with ``--weights`` on a trained checkpoint for
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -56,17 +60,29 @@ from pipeline.embed import EmbedPatches, ModelSpec
 from pipeline.sample import make_sample
 from pipeline.sink import ROW_GROUP_ROWS, OutputSpec, to_table, write_parquet
 from pipeline.units import MAX_FILES_PER_UNIT, MIN_FILES_PER_UNIT
+from vit.checkpoints import imagenet_class_names
 
 TARGET_BYTES = 3000  # 3.0 KB (3.0 KiB = 3072 would be looser)
 
-# (name, embedding dtype, logits dtype, byte-stream-split, zstd level; None: the pipeline's own writer)
-VARIANTS = [
-    ("ours: f16+f16, pipeline writer", "float16", "float16", False, None),
-    ("f16+f16, BSS", "float16", "float16", True, 1),
-    ("f16+f16, BSS, zstd 19", "float16", "float16", True, 19),
-    ("f32+f32, BSS", "float32", "float32", True, None),
-    ("baseline: f32+f32, no BSS", "float32", "float32", False, 1),
+# (name, embedding dtype, logits dtype, byte-stream-split, zstd level (None: the pipeline's own writer),
+# the OutputSpec's other options: "names" stands for the 1,000 ImageNet-1k class names)
+VARIANTS: list[tuple[str, str, str, bool, int | None, dict[str, Any]]] = [
+    ("ours: f16+f16, pipeline writer", "float16", "float16", False, None, {}),
+    ("ours + top-5 with names", "float16", "float16", False, None, {"topk": 5, "class_names": "names"}),
+    (
+        "ours, --logits none, top-5",
+        "float16",
+        "float16",
+        False,
+        None,
+        {"logits": False, "topk": 5, "class_names": "names"},
+    ),
+    ("f16+f16, BSS", "float16", "float16", True, 1, {}),
+    ("f16+f16, BSS, zstd 19", "float16", "float16", True, 19, {}),
+    ("f32+f32, BSS", "float32", "float32", True, None, {}),
+    ("baseline: f32+f32, no BSS", "float32", "float32", False, 1, {}),
 ]
+OWN = ("key", "embedding", "logits", "top", "error")  # column groups printed; the rest is "provenance"
 
 
 def embed_images(args: argparse.Namespace, work: Path) -> dict[str, np.ndarray]:
@@ -89,7 +105,9 @@ def embed_images(args: argparse.Namespace, work: Path) -> dict[str, np.ndarray]:
         batch = {"key": keys[i : i + args.batch_size], "bytes": data[i : i + args.batch_size]}
         outs.append(embedder(decoder(batch)))
     seconds = time.perf_counter() - t
-    out = {k: np.concatenate([o[k] for o in outs]) for k in ("key", "embedding", "logits", "error")}
+    columns = ("key", "embedding", "logits", "top_classes", "top_scores", "width", "height", "error")
+    out = {k: np.concatenate([o[k] for o in outs]) for k in columns}
+    out["bytes_sha256"] = np.array([hashlib.sha256(d).hexdigest() for d in data], dtype=object)
     errors = [e for e in out["error"] if e is not None]
     assert not errors, errors[:3]
     print(
@@ -109,16 +127,20 @@ def write_variant(
     bss: bool,
     level: int | None,
     meta: dict[str, str],
+    options: dict[str, Any] | None = None,
 ) -> None:
     n, dim = rows["embedding"].shape
-    spec = OutputSpec(dim, rows["logits"].shape[1], emb, logits)
+    options = dict(options or {})
+    if options.get("class_names") == "names":
+        options["class_names"] = imagenet_class_names()
+    spec = OutputSpec(dim, rows["logits"].shape[1], emb, logits, **options)
     schema = spec.schema(meta)
-    table = to_table(rows, spec, schema)
+    table = to_table(rows, spec, schema, run_id=meta["run_id"])
     if level is None:  # the pipeline's writer, as the job calls it
         written = write_parquet([table], pafs.LocalFileSystem(), str(path), schema)
         assert written == n
         return
-    leaves = [f"{f.name}.list.element" for f in schema if f.name in ("embedding", "logits")]
+    leaves = [f"{f.name}.list.element" for f in schema if pa.types.is_fixed_size_list(f.type)]
     pq.write_table(  # the pipeline's settings (pipeline.sink.write_parquet) but BSS and level as given
         table,
         str(path),
@@ -141,6 +163,7 @@ def measure(path: Path) -> dict[str, Any]:
         for c in range(rg.num_columns):
             col = rg.column(c)
             name = col.path_in_schema.split(".")[0]
+            name = "top" if name.startswith("top_") else name if name in OWN else "provenance"
             columns[name] = columns.get(name, 0) + col.total_compressed_size
             encodings.setdefault(name, set()).update(col.encodings)
     size = path.stat().st_size
@@ -210,9 +233,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = embed_images(args, work)
         meta = identity_metadata(args)
         results = {}
-        for i, (name, emb, logits, bss, level) in enumerate(VARIANTS):
+        for i, (name, emb, logits, bss, level, options) in enumerate(VARIANTS):
             path = work / f"variant-{i}.parquet"
-            write_variant(rows, path, emb, logits, bss, level, meta)
+            write_variant(rows, path, emb, logits, bss, level, meta, options)
             results[name] = measure(path)
 
         # Fewer rows per file (a small unit, the tail of a run): zstd has less data to learn from.
@@ -227,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     n = len(rows["key"])
     dim, classes = rows["embedding"].shape[1], rows["logits"].shape[1]
     base = results[VARIANTS[-1][0]]
-    f16_bss = results[VARIANTS[1][0]]
+    f16_bss = results[VARIANTS[3][0]]
     small, large = f"bytes_per_image_{MIN_FILES_PER_UNIT}_rows", f"bytes_per_image_{MAX_FILES_PER_UNIT}_rows"
     print(
         f"\nbytes per image ({n} rows in one file; raw float16 = {2 * (dim + classes)} B, float32 = "
@@ -240,13 +263,16 @@ def main(argv: list[str] | None = None) -> None:
         "key",
         "embedding",
         "logits",
+        "top-k",
+        "prov.",
         "error",
         "footer/file",
         f"@{MIN_FILES_PER_UNIT} rows",
         "vs baseline",
     )
     w = max(len(name) for name in results)
-    print(f"{{:<{w}}} {{:>7}} {{:>5}} {{:>9}} {{:>7}} {{:>5}} {{:>11}} {{:>9}} {{:>11}}".format(*titles))
+    row = f"{{:<{w}}} {{:>7}} {{:>5}} {{:>9}} {{:>7}} {{:>5}} {{:>5}} {{:>5}} {{:>11}} {{:>9}} {{:>11}}"
+    print(row.format(*titles))
     for name, r in results.items():
         per = {k: v / n for k, v in r["column_bytes"].items()}
         r["bytes_per_image"] = round(r["data_bytes"] / n, 1)
@@ -255,15 +281,16 @@ def main(argv: list[str] | None = None) -> None:
         r["ratio_vs_baseline"] = round(r["data_bytes"] / base["data_bytes"], 3)
         print(
             f"{name:<{w}} {r['bytes_per_image']:>7.0f} {per.get('key', 0):>5.0f} {per['embedding']:>9.0f} "
-            f"{per['logits']:>7.0f} {per.get('error', 0):>5.0f} {r['footer_bytes']:>11} "
-            f"{r[small]:>9.0f} {r['ratio_vs_baseline']:>10.2f}×"
+            f"{per.get('logits', 0):>7.0f} {per.get('top', 0):>5.0f} {per.get('provenance', 0):>5.0f} "
+            f"{per.get('error', 0):>5.0f} {r['footer_bytes']:>11} {r[small]:>9.0f} "
+            f"{r['ratio_vs_baseline']:>10.2f}×"
         )
     ours = results[VARIANTS[0][0]]
     print("\nencodings of the float columns (from the files):")
     for name, r in results.items():
         print(
             f"  {name:<{w}} embedding {','.join(r['encodings']['embedding'])}; "
-            f"logits {','.join(r['encodings']['logits'])}"
+            f"logits {','.join(r['encodings'].get('logits', ['(none)']))}"
         )
 
     if by_rows:
@@ -298,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         f"byte-stream-split on float16 would make it {bss_gain:.2f}× smaller again. Order-0 entropy of "
         f"these float16 bytes: {floor:.0f} B/image of embedding + logits (a byte-wise lossless coder's "
         f"floor). Random weights: a trained head's logits may compress differently."
+    )
+    full, lean = results[VARIANTS[1][0]], results[VARIANTS[2][0]]
+    print(
+        "\nWith the default columns (float16, top-5 with ImageNet names, provenance): "
+        f"{full[small]:.0f} B/image at {MIN_FILES_PER_UNIT} rows per file; with --logits none: "
+        f"{lean[small]:.0f} B/image "
+        f"({lean[small] / full[small]:.2f}× of that)."
     )
     if args.json:
         out = {
