@@ -169,6 +169,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "formats and files nvJPEG rejects take the CPU path there",
     )
     p.add_argument(
+        "--preprocess",
+        default="fast",
+        choices=("fast", "exact"),
+        help="exact: torchvision's PIL path (Pillow decode and resize) bit for bit, about 3x the CPU time "
+        "of fast (libjpeg-turbo DCT scaling + OpenCV, close to it but not equal)",
+    )
+    p.add_argument(
         "--max-object-bytes",
         type=int,
         default=DEFAULT_MAX_OBJECT_BYTES,

@@ -73,6 +73,7 @@ class JobConfig:
     topk: int = DEFAULT_TOPK  # the most probable classes written per row (0: none)
     logits: str = "full"  # full: write the logits vector; none: only the top-k columns
     keep_columns: tuple[str, ...] = ()  # Parquet inputs: columns passed through to the output
+    preprocess: str = "fast"  # fast: libjpeg-turbo DCT scaling + OpenCV; exact: torchvision's PIL path
     extra: dict[str, str] = field(default_factory=dict)  # free-form metadata recorded in the footer
 
     def __post_init__(self) -> None:
@@ -128,6 +129,15 @@ class JobConfig:
             ),
             (self.topk >= 0, f"--topk is a number of classes, 0 or more, not {self.topk}."),
             (self.logits in ("full", "none"), f"--logits must be full or none, not {self.logits!r}."),
+            (
+                self.preprocess in ("fast", "exact"),
+                f"--preprocess must be fast or exact, not {self.preprocess!r}.",
+            ),
+            (
+                not (self.preprocess == "exact" and self.decode == "gpu"),
+                "--preprocess exact decodes with Pillow on CPUs, as torchvision does: it cannot be combined "
+                "with --decode gpu (leave one of them out).",
+            ),
             (
                 len(set(self.keep_columns)) == len(self.keep_columns) and all(self.keep_columns),
                 "--keep-columns names each column once, comma-separated, not "

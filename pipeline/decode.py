@@ -12,6 +12,10 @@ every failure into an error row and never raises. The geometry is torchvision's 
 - Common JPEGs take a fast path: libjpeg-turbo at a 1/2ᵏ DCT scale, then OpenCV resamples the crop's window
   on the calling thread (close to torchvision's antialiased bilinear, not bit-exact). Everything else goes
   through Pillow, resizing only the crop's box. torch is not imported; no global Pillow setting changes.
+- `exact=True` (`--preprocess exact`) sends every image through Pillow: its decode and its antialiased
+  bilinear resize, which give the pixels of torchvision's PIL path (`Image.open(…).convert("RGB")`,
+  `Resize`, `CenterCrop`) bit for bit for RGB images without an EXIF orientation (torchvision's loaders do
+  not apply it, and drop alpha instead of compositing it).
 """
 
 from __future__ import annotations
@@ -76,13 +80,16 @@ def to_patches(
     *,
     resize_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    exact: bool = False,
 ) -> np.ndarray:
     """Encoded image bytes → uint8 patches `[(image_size // patch_size)², patch_size² · 3]`, (kh, kw, c).
 
     Raises `DecodeError` when the bytes cannot be decoded (empty, not an image, truncated, too many
-    pixels) and `ValueError` for impossible sizes.
+    pixels) and `ValueError` for impossible sizes. `exact`: Pillow's decode and resize for every image.
     """
-    return to_patches_sized(data, image_size, patch_size, resize_size=resize_size, max_pixels=max_pixels)[0]
+    return to_patches_sized(
+        data, image_size, patch_size, resize_size=resize_size, max_pixels=max_pixels, exact=exact
+    )[0]
 
 
 def to_patches_sized(
@@ -92,12 +99,13 @@ def to_patches_sized(
     *,
     resize_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    exact: bool = False,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """`to_patches`, and the image's (width, height) before resizing, after EXIF orientation."""
     resize_size = check_sizes(image_size, patch_size, resize_size)
     g = image_size // patch_size
     out = np.empty((g * g, patch_size * patch_size * 3), dtype=np.uint8)
-    size = _patches_into(out, data, image_size, patch_size, resize_size, max_pixels)
+    size = _patches_into(out, data, image_size, patch_size, resize_size, max_pixels, exact)
     return out, size
 
 
@@ -117,12 +125,13 @@ class DecodePatches:
         patch_size: int = 16,
         resize_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        exact: bool = False,
     ) -> None:
         self.resize_size = check_sizes(image_size, patch_size, resize_size)
         self.image_size = image_size
         self.patch_size = patch_size
         self.max_pixels = max_pixels
-        self._sizes = (image_size, patch_size, self.resize_size, max_pixels)
+        self._sizes = (image_size, patch_size, self.resize_size, max_pixels, exact)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -162,11 +171,17 @@ class DecodePatches:
 
 
 def _patches_into(
-    out: np.ndarray, data: bytes, image_size: int, patch_size: int, resize_size: int, max_pixels: int
+    out: np.ndarray,
+    data: bytes,
+    image_size: int,
+    patch_size: int,
+    resize_size: int,
+    max_pixels: int,
+    exact: bool = False,
 ) -> tuple[int, int]:
     """Decodes `data` and writes its patches into `out` ((image_size // patch_size)², patch_size² · 3);
     returns the image's (width, height) as decoded and oriented, before resizing."""
-    img, size = _decode_resize_crop(data, image_size, resize_size, max_pixels)  # (S, S, 3) uint8
+    img, size = _decode_resize_crop(data, image_size, resize_size, max_pixels, exact)  # (S, S, 3) uint8
     grid = patch_grid(img, patch_size)  # (g, g, P, P, 3), a view
     np.copyto(out.reshape(grid.shape), grid)
     return size
@@ -206,7 +221,7 @@ def as_bytes(item: Any) -> bytes:
 
 
 def _decode_resize_crop(
-    data: bytes | memoryview, image_size: int, resize_size: int, max_pixels: int
+    data: bytes | memoryview, image_size: int, resize_size: int, max_pixels: int, exact: bool = False
 ) -> tuple[np.ndarray, tuple[int, int]]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"to_patches() expects bytes, got {type(data).__name__}")
@@ -223,7 +238,7 @@ def _decode_resize_crop(
                     f"cannot decode image: progressive JPEG with {scans} scans, more than {MAX_JPEG_SCANS} "
                     "(a decode-time bomb)"
                 )
-            if hdr.common:
+            if hdr.common and not exact:
                 fast = min(w, h) >= _FAST_DECODE_FROM * resize_size
                 arr, k = decode_scaled(data, w, h, _DCT_MIN_SIDE * resize_size, fast)
                 if arr is not None:
@@ -235,7 +250,7 @@ def _decode_resize_crop(
                     )
                     return img, (w, h)
     rgb = _open_rgb(data, head, max_pixels)
-    return _resize_crop_pil(rgb, image_size, resize_size), rgb.size
+    return _resize_crop_pil(rgb, image_size, resize_size, whole=exact), rgb.size
 
 
 def _check_pixels(w: int, h: int, max_pixels: int) -> None:
@@ -348,11 +363,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # Resize + crop
 
 
-def _resize_crop_pil(im: Image.Image, image_size: int, resize_size: int) -> np.ndarray:
-    """Pillow's antialiased bilinear on the crop box only: equals torchvision's Resize then CenterCrop."""
+def _resize_crop_pil(im: Image.Image, image_size: int, resize_size: int, whole: bool = False) -> np.ndarray:
+    """Pillow's antialiased bilinear on the crop box only: torchvision's Resize then CenterCrop, to within
+    a rounding of some pixels; `whole`: the whole image resized, then cropped, as torchvision does it (the
+    same pixels, bit for bit)."""
     w, h = im.size
     nw, nh = resized_size(w, h, resize_size)
     left, top = crop_offsets(nw, nh, image_size)
+    if whole:
+        resized = im.resize((nw, nh), Image.Resampling.BILINEAR)
+        return np.asarray(resized.crop((left, top, left + image_size, top + image_size)))
     sx, sy = w / nw, h / nh
     box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
     return np.asarray(im.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))

@@ -159,9 +159,11 @@ class EmbedPatches:
         pieces: int | None = None,
         keep_logits: bool = True,
         topk: int = 5,
+        exact: bool = False,
     ) -> None:
         import torch
 
+        self.exact = exact  # --preprocess exact: the model normalizes in torchvision's order
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and cpu_threads:
@@ -210,7 +212,7 @@ class EmbedPatches:
         with torch.inference_mode(), autocast(self.device):  # bf16 on GPU, fp32 on CPU
             staged = self._to_device(pieces[0])
             for i in range(len(pieces)):
-                outs.append(self.model.forward_patches(staged))  # on a GPU: queued, the host goes on
+                outs.append(self.model.forward_patches(staged, self.exact))  # on a GPU: queued
                 if i + 1 < len(pieces):  # so the next piece is pinned and copied while the GPU works
                     staged = self._to_device(pieces[i + 1])
             cls = torch.cat([c for c, _ in outs]).float().cpu()

@@ -95,9 +95,14 @@ class GpuDecoder:
         device: str = "cuda",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_pixels: int = DEFAULT_BATCH_PIXELS,
+        exact: bool = False,
     ) -> None:
         import torch
 
+        if exact:
+            raise ValueError(
+                "GpuDecoder cannot decode exactly as Pillow does: use pipeline.decode (exact=True)"
+            )
         resize_size = check_sizes(image_size, patch_size, resize_size)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():

@@ -66,6 +66,7 @@ class Plan:
             "patch_size": self.model.patch_size,
             "resize_size": self.resize_size,
             "max_pixels": self.config.max_pixels or DEFAULT_MAX_PIXELS,
+            "exact": self.config.preprocess == "exact",
         }
 
     def describe(self) -> str:
@@ -113,9 +114,24 @@ def model_spec(config: JobConfig) -> ModelSpec:
     return ModelSpec(preset=config.model, **{name: getattr(config, name) for name in names})
 
 
-def identity(
-    config: JobConfig, loaded: LoadedModel, resize_size: int, output: OutputSpec
-) -> dict[str, str]:
+def preprocessing_text(preprocess: str, resize_size: int, image_size: int) -> str:
+    """What `--preprocess` does to each image, in words (recorded in the identity: runs with other words
+    never share an output)."""
+    if preprocess == "exact":
+        return (
+            f"RGB (EXIF orientation applied, alpha composited on white); torchvision's PIL path: Pillow "
+            f"decode, Resize({resize_size}, bilinear, antialias), CenterCrop({image_size}); uint8 patches "
+            f"(kh, kw, c); normalize (x/255 - mean) / std"
+        )
+    return (
+        f"RGB (EXIF orientation applied, alpha composited on white); torchvision ViT resize: "
+        f"shorter side to {resize_size}, bilinear antialias (JPEG: DCT-domain downscale + OpenCV "
+        f"resample of the crop window, >= 30 dB PSNR vs torchvision), centre crop {image_size}; "
+        f"uint8 patches (kh, kw, c); normalize (x/255 - mean) / std"
+    )
+
+
+def identity(config: JobConfig, loaded: LoadedModel, resize_size: int, output: OutputSpec) -> dict[str, str]:
     """What makes rows comparable: model, weights, preprocessing, the output's columns (pipeline/ledger.py
     compares it between runs into one output); also the footer metadata of every data file."""
     mc = loaded.model.config
@@ -129,12 +145,8 @@ def identity(
             "image_size": str(mc.image_size),
             "patch_size": str(mc.patch_size),
             "resize_size": str(resize_size),
-            "preprocessing": (
-                f"RGB (EXIF orientation applied, alpha composited on white); torchvision ViT resize: "
-                f"shorter side to {resize_size}, bilinear antialias (JPEG: DCT-domain downscale + OpenCV "
-                f"resample of the crop window, >= 30 dB PSNR vs torchvision), centre crop {mc.image_size}; "
-                f"uint8 patches (kh, kw, c); normalize (x/255 - mean) / std"
-            ),
+            "preprocess": config.preprocess,
+            "preprocessing": preprocessing_text(config.preprocess, resize_size, mc.image_size),
             "embedding": "CLS token after the final LayerNorm",
             "embedding_dtype": config.embedding_dtype,
             "logits_dtype": config.logits_dtype,

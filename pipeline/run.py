@@ -223,6 +223,7 @@ def build_dataset(
             "cpu_threads": int(actors.remote_args["num_cpus"]),
             "compile": config.compile,
             "decode": decode_kwargs if on_device else None,
+            "exact": config.preprocess == "exact",
         }
     # What the model's head writes is the output's: also for a stand-in embedder (tests, benchmarks).
     heads = {"keep_logits": job.output.logits, "topk": job.output.topk}

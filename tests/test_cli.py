@@ -62,6 +62,7 @@ def _one_sentence(stderr: str) -> str:
         (["--input", "in", "--output", "o", *SMALL, "--keep-columns", "caption"], "Parquet inputs through"),
         (["--input", "in", "--output", "o", *SMALL, "--keep-columns", "url,key"], "cannot keep key"),
         (["--input", "in", "--output", "o", *SMALL, "--topk", "-1"], "--topk"),
+        (["--input", "in", "--output", "o", *SMALL, "--preprocess", "exact", "--decode", "gpu"], "exact"),
     ],
 )
 def test_cannot_run_exits_2_with_one_sentence(

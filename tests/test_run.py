@@ -202,12 +202,20 @@ def test_clear_errors_before_anything_runs(tmp_path: Path, s3_server: str, s3_bu
 
 
 def test_run_record_has_counts(tmp_path: Path, ray_local: None):
+    """Also --preprocess exact end to end: recorded, and never mixed with the fast mode in one output."""
     src = tmp_path / "in"
     make_sample(src, n=4)
     out = tmp_path / "out"
-    summary = run(JobConfig(input=str(src), output=str(out), **SMALL))
+    summary = run(JobConfig(input=str(src), output=str(out), preprocess="exact", **SMALL))
     run_dir = out / "_runs" / summary.run_id
-    assert json.loads((run_dir / "run.json").read_text())["identity"]["model"] == "vit_ti_16"
+    identity = json.loads((run_dir / "run.json").read_text())["identity"]
+    assert identity["model"] == "vit_ti_16" and identity["preprocess"] == "exact"
+    assert (
+        "torchvision's PIL path"
+        in footer_metadata(pq.ParquetFile(next(out.glob("*.parquet"))))["preprocessing"]
+    )
+    with pytest.raises(OutputConflictError, match="preprocessing"):
+        plan(JobConfig(input=str(src), output=str(out), **SMALL))
     assert json.loads((run_dir / "summary.json").read_text())["summary"]["processed"] == 4
     commits = [json.loads(p.read_text()) for p in sorted(run_dir.glob("commit-*.json"))]
     units = [u for c in commits for u in c["units"]]

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vit.preprocess import unpatchify
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LEGACY_MLP_NAMES = {"linear_1": "0", "linear_2": "3"}  # MLP's Linears in torchvision < 0.13 checkpoints
@@ -203,12 +205,22 @@ class VisionTransformer(nn.Module):
         x = self.conv_proj(images)  # (B, D, gh, gw)
         return self._encode(x.flatten(2).transpose(1, 2))  # (B, N, D)
 
-    def forward_patches(self, patches: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward_patches(self, patches: Tensor, exact: bool = False) -> tuple[Tensor, Tensor | None]:
+        """uint8 patches (B, N, P·P·3) → (CLS, logits). The normalization is folded into the patch
+        projection (one matmul); `exact`: normalized first and projected by the convolution, in
+        torchvision's order of operations (`ToTensor`, `Normalize`, `conv_proj`), for outputs that match
+        torchvision's to float32 rounding."""
         N, K = self.config.num_patches, self.config.patch_dim
         torch._assert(
             patches.dim() == 3 and patches.shape[1] == N and patches.shape[2] == K,
             f"expected patches (B, {N}, {K}), got {tuple(patches.shape)}",
         )
+        if exact:
+            grid = self.config.image_size // self.config.patch_size
+            images = unpatchify(patches, self.config.patch_size, grid).permute(0, 3, 1, 2)  # (B, 3, H, W)
+            x = images.to(self.conv_proj.weight.dtype).div(255)
+            mean, std = (v.to(x.dtype).view(1, 3, 1, 1) for v in (self.pixel_mean, self.pixel_std))
+            return self.forward(x.sub(mean).div(std))
         weight, bias = self.folded_patch_projection()  # (D, P·P·3), (D,)
         return self._encode(F.linear(patches.to(weight.dtype), weight, bias))  # (B, N, D)
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["crop_offsets", "default_resize_size", "patch_grid", "patchify", "resized_size"]
+__all__ = ["crop_offsets", "default_resize_size", "patch_grid", "patchify", "resized_size", "unpatchify"]
 
 Images = TypeVar("Images", "np.ndarray", "torch.Tensor")
 
@@ -51,3 +51,12 @@ def patchify(images: Images, patch_size: int) -> Images:
     *lead, h, w, c = images.shape
     p = patch_size
     return patch_grid(images, p).reshape(*lead, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: Images, patch_size: int, grid: int) -> Images:
+    """`patchify`'s inverse: (…, N, P·P·C) → (…, H, W, C) for a `grid` × `grid` image."""
+    *lead, _, k = patches.shape
+    p = patch_size
+    c = k // (p * p)
+    x = patches.reshape(*lead, grid, grid, p, p, c).swapaxes(-4, -3)  # (…, gh, P, gw, P, C)
+    return x.reshape(*lead, grid * p, grid * p, c)
