@@ -201,8 +201,9 @@ def describe_stats(r: dict[str, Any]) -> str:
         f"rows:       {r['rows']} ({r['error_rows']} errors) in {r['data_files']} data file(s), "
         f"{r['data_bytes']:,} bytes",
         f"model:      {m.get('model')} weights={m.get('weights')}{seed} sha256={m.get('weights_sha256')}",
-        f"preprocess: image_size={m.get('image_size')} patch_size={m.get('patch_size')} "
-        f"resize_size={m.get('resize_size')} mean={m.get('mean')} std={m.get('std')}",
+        f"preprocess: {m.get('preprocess', 'fast')}, image_size={m.get('image_size')} "
+        f"patch_size={m.get('patch_size')} resize_size={m.get('resize_size')} mean={m.get('mean')} "
+        f"std={m.get('std')}",
         f"embedding:  {r['embedding']['dim']} x {r['embedding']['dtype']}; class names: "
         f"{'yes' if r['class_names'] else 'no'}",
         f"index:      {index_line}",

@@ -31,7 +31,7 @@ from __future__ import annotations
 import heapq
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,7 @@ IDENTITY_FIELDS = (
     "image_size",
     "patch_size",
     "resize_size",
+    "preprocess",
     "mean",
     "std",
     "embedding_dtype",
@@ -391,10 +392,17 @@ def embed_image(out: Output, image: str, weights: str | None = None) -> np.ndarr
 
     image_size, patch_size = int(meta["image_size"]), int(meta["patch_size"])
     resize = int(meta["resize_size"]) if meta.get("resize_size") else None
+    mode = meta.get("preprocess") or "fast"  # outputs written before --preprocess existed: fast
+    if mode not in ("fast", "exact"):
+        raise QueryError(
+            f"The data files of {out.uri} record the preprocessing mode {mode!r}, which this version of "
+            "jobs/query.py cannot reproduce; query them with the version of the project that wrote them."
+        )
+    exact = mode == "exact"
     try:
-        patches = to_patches(data, image_size, patch_size, resize_size=resize)
+        patches = to_patches(data, image_size, patch_size, resize_size=resize, exact=exact)
     except (DecodeError, ValueError) as e:
-        raise QueryError(f"Cannot decode the image {image}: {e}") from e
+        raise QueryError(f"Cannot decode the image {image}: {str(e).rstrip('.')}.") from e
     spec = ModelSpec(
         preset=meta["model"],
         weights=path,
@@ -424,7 +432,7 @@ def embed_image(out: Output, image: str, weights: str | None = None) -> np.ndarr
 
     model = loaded.model.eval()
     with torch.inference_mode():
-        cls, _ = model.forward_patches(torch.from_numpy(patches)[None])
+        cls, _ = model.forward_patches(torch.from_numpy(patches)[None], exact)
     vector = cls[0].float().numpy()
     if vector.shape[0] != out.dim:
         raise QueryError(
@@ -458,6 +466,24 @@ def similar_to_image(
 # top
 
 
+def _class_names(recorded: str | None, classes: list[int]) -> list[str] | None:
+    """The names of `classes` from the footer's `class_names` (a JSON list, or the shipped ImageNet-1k)."""
+    if not recorded:
+        return None
+    from vit.checkpoints import IMAGENET_1K, imagenet_class_names
+
+    if recorded == IMAGENET_1K:
+        every: Sequence[str] = imagenet_class_names()
+    else:
+        try:
+            every = json.loads(recorded)
+        except ValueError:
+            return None
+    if not isinstance(every, (list, tuple)) or any(not 0 <= c < len(every) for c in classes):
+        return None
+    return [str(every[c]) for c in classes]
+
+
 def top(output: str, key: str) -> dict[str, Any]:
     """The row's most probable classes: index, name (when the output has names) and softmax score, best
     first. From the top-k columns, or from the logits when the output has no top-k columns."""
@@ -480,10 +506,7 @@ def top(output: str, key: str) -> dict[str, Any]:
 
         idx, probs = top_k(logits[:1], min(5, logits.shape[1]))
         classes, scores, names, source = idx[0].tolist(), probs[0].tolist(), None, "logits"
-        names_json = out.footer.get("class_names")
-        if names_json and names_json.startswith("["):
-            all_names = json.loads(names_json)
-            names = [all_names[c] for c in classes]
+        names = _class_names(out.footer.get("class_names"), classes)
     else:
         raise QueryError(
             f"{output} has neither top-k columns nor logits (written with --topk 0 and --logits none, or "
@@ -509,13 +532,6 @@ class _Pairs:
         self.threshold, self.limit = threshold, limit
         self.pairs: dict[tuple[str, str], float] = {}
         self.truncated = False
-
-    @property
-    def floor(self) -> float:
-        """The least cosine that can still enter: the threshold, or the worst kept pair once full."""
-        if len(self.pairs) < self.limit:
-            return self.threshold
-        return max(self.threshold, min(self.pairs.values()))
 
     def add(self, a: str, b: str, cosine: float) -> None:
         if a == b or cosine < self.threshold:
@@ -553,7 +569,7 @@ def _near_exact(out: Output, pairs: _Pairs) -> int:
         rows = stop - start
         sims[:, :rows][np.tril_indices(rows)] = -np.inf  # each pair once, no pair of a row with itself
         flat = sims.ravel()
-        hits = np.flatnonzero(flat >= pairs.floor)
+        hits = np.flatnonzero(flat >= pairs.threshold)
         if len(hits) > pairs.limit:
             hits = hits[np.argpartition(-flat[hits], pairs.limit - 1)[: pairs.limit]]
             pairs.truncated = True
