@@ -1,49 +1,92 @@
-"""The README's DuckDB recipes run as written against output the sink writes."""
+"""The README's querying commands and DuckDB queries run as written on the demo's output, and its output
+table is the writer's schema."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sink import OutputSpec, ParquetSink
+from pipeline.sink import OutputSpec
+
+if TYPE_CHECKING:
+    from tests.ray_head import RayHead
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def _querying_section() -> str:
+    text = README.read_text()
+    start = text.index("### Querying\n")
+    end = re.compile(r"^##", re.M).search(text, start + 1)
+    return text[start : end.start() if end else len(text)]
+
+
 def _sql_statements() -> list[str]:
-    block = re.search(r"```sql\n(.*?)```", README.read_text(), re.S)
-    assert block, "README has no ```sql block"
+    block = re.search(r"```sql\n(.*?)```", _querying_section(), re.S)
+    assert block, "the README's Querying section has no ```sql block"
     lines = [line for line in block.group(1).splitlines() if not line.startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def test_readme_queries(tmp_path: Path):
-    duckdb = pytest.importorskip("duckdb", reason="duckdb is a dependency of the package")
-    rng = np.random.default_rng(0)
-    keys = ["cats/001.jpg", "cats/002.jpg", "dogs/001.jpg", "broken.jpg"]
-    batch = {
-        "key": np.array(keys, dtype=object),
-        "shard": np.array(keys, dtype=object),
-        "embedding": rng.standard_normal((4, 768)).astype(np.float32),
-        "logits": rng.standard_normal((4, 1000)).astype(np.float32),
-        "error": np.array([None, None, None, "decode: DecodeError: cannot decode image"], dtype=object),
-        "unit": np.zeros(4, np.int64),
-        "unit_rows": np.full(4, 4, np.int64),
-    }
-    sink = ParquetSink(str(tmp_path), OutputSpec(768, 1000, "float16", "float16"), "r", {})
-    sink.place_unit(sink.write_parts(batch))
-    results = []
-    for sql in _sql_statements():
-        results.append(duckdb.sql(sql.replace("'out/*.parquet'", f"'{tmp_path}/*.parquet'")).fetchall())
-    nearest, top1, errors = results
-    assert nearest[0][0] == "cats/001.jpg" and abs(nearest[0][1] - 1.0) < 1e-3
-    assert len(nearest) == 3 and "broken.jpg" not in [k for k, _ in nearest]
-    expected = {k: int(np.argmax(batch["logits"][i].astype(np.float16))) for i, k in enumerate(keys[:3])}
-    assert dict(top1) == expected
-    assert errors == [("decode: DecodeError: cannot decode image", 1)]
+def _query_commands() -> list[list[str]]:
+    """The `python jobs/query.py …` lines of the Querying section, as argument lists."""
+    block = re.search(r"```bash\n(.*?)```", _querying_section(), re.S)
+    assert block, "the README's Querying section has no ```bash block"
+    return [shlex.split(line, comments=True)[2:] for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_readme_queries_run_as_written_on_the_demo_output(
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_cluster: RayHead,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """In a directory laid out as `jobs/embed.py --demo` leaves it (`data/sample`, `out/demo`, written by
+    the job), with one image stored twice and one broken file."""
+    import duckdb
+
+    from jobs.query import main
+    from tests.test_query import BROKEN, DUP, demo_output
+
+    base = demo_output(tmp_path_factory, ray_cluster)
+    monkeypatch.chdir(base)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(base.glob("out/demo/part-*.parquet"))])
+    good = table.filter(pc.is_null(table["error"]))
+    x = np.stack([np.asarray(v, np.float32) for v in good["embedding"].to_pylist()])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    keys = good["key"].to_pylist()
+
+    nearest, top1, errors = (duckdb.sql(sql).fetchall() for sql in _sql_statements())
+    cosines = dict(zip(keys, (x @ x[keys.index("img_0000.jpg")]).tolist()))
+    assert {k for k, _ in nearest[:2]} == set(DUP) and all(c > 0.9999 for _, c in nearest[:2])
+    assert len(nearest) == 5 and BROKEN not in [k for k, _ in nearest]
+    assert all(abs(cosines[k] - c) < 1e-5 for k, c in nearest)
+    assert [c for _, c in nearest] == sorted((c for _, c in nearest), reverse=True)
+    assert min(c for _, c in nearest) >= sorted(cosines.values())[-5] - 1e-5
+    by_key = {r["key"]: r for r in good.to_pylist()}
+    assert [k for k, _, _ in top1] == sorted(by_key)[:5]
+    for key, class_, score in top1:
+        assert class_ == by_key[key]["top_classes"][0]
+        assert score == pytest.approx(by_key[key]["top_scores"][0], abs=1e-4)
+    failed = table.filter(pc.is_valid(table["error"]))["error"].to_pylist()
+    assert errors == [(failed[0], 1)] and len(failed) == 1
+
+    commands = _query_commands()
+    assert {argv[0] for argv in commands} == {"stats", "similar", "top", "dups", "errors"}
+    capsys.readouterr()
+    for argv in commands:
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
+        assert capsys.readouterr().out.strip(), argv
 
 
 def _readme_columns() -> list[tuple[str, str]]:
