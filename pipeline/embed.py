@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.rows import error_column, ok_mask
+from pipeline.rows import clean_nullable, error_column, ok_mask
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _outputs(
     """The batch without its patches, plus the model outputs (`heads.columns` of the float32 `logits`)
     and `embed_s` (this batch's model time per row, for the run's per-stage report); other columns pass
     through unchanged."""
-    out = {k: v for k, v in batch.items() if k != "patches"}
+    out = clean_nullable({k: v for k, v in batch.items() if k != "patches"})
     out["embedding"] = embedding
     out["embed_s"] = np.full(len(embedding), seconds / max(1, len(embedding)))
     if logits is not None:

@@ -36,6 +36,20 @@ def optional_column(batch: Mapping[str, np.ndarray], name: str, kind: type = str
     return np.array([v if isinstance(v, kind) else None for v in raw], dtype=object)
 
 
+# The nullable columns that stages pass along (of str or bytes): a stage that gets a batch from Ray Data
+# hands them on cleaned (`clean_nullable`), or a column that was all null in one block (NaNs after Ray
+# Data's conversion, float64 in the next block) would not merge with a block where it holds values.
+NULLABLE = {"error": str, "bytes_sha256": str, "extra": bytes}
+
+
+def clean_nullable(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` with its NULLABLE columns as object arrays of their kind or None."""
+    for name, kind in NULLABLE.items():
+        if name in batch:
+            batch[name] = optional_column(batch, name, kind)
+    return batch
+
+
 def error_column(batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """The batch's `error` values as an object array of str (failed) or None (fine)."""
     return optional_column(batch, "error")

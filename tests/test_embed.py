@@ -133,3 +133,20 @@ def test_decode_in_the_actor_matches_decode_then_embed():
     a, b = on_device["embedding"][0], reference["embedding"][0]
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
     assert not on_device["embedding"][[1, 2]].any()
+
+
+def test_null_passthrough_columns_leave_as_objects():
+    """A column that was all null in a block comes back from Ray Data as float NaNs; the model stage
+    hands it on as object Nones, so that it merges with blocks where it holds bytes or strings."""
+    n = 3
+    batch = {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "patches": np.zeros((n, 4, 768), np.uint8),
+        "error": np.full(n, np.nan),
+        "extra": np.full(n, np.nan),
+        "bytes_sha256": np.array(["ab", None, "cd"], dtype=object),
+    }
+    out = FakeEmbedPatches(embedding_dim=8, num_classes=3)(batch)
+    assert out["extra"].dtype == object and list(out["extra"]) == [None] * n
+    assert list(out["bytes_sha256"]) == ["ab", None, "cd"] and list(out["error"]) == [None] * n
+    assert out["top_classes"].shape == (n, 3) and out["top_classes"].dtype == np.int32
