@@ -155,11 +155,10 @@ class Output:
         import duckdb
 
         con = duckdb.connect()
-        paths = self.paths
-        if not storage.is_s3(self.uri) and not any(_GLOB.search(p) for p in paths):
-            listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-            con.execute(f"CREATE VIEW data AS SELECT * FROM read_parquet([{listed}])")
-        else:
+        if not storage.is_s3(self.uri) and not _GLOB.search(self.root):
+            pattern = f"{self.root}/part-*.parquet".replace("'", "''")
+            con.execute(f"CREATE VIEW data AS SELECT * FROM read_parquet('{pattern}')")
+        else:  # S3, or a local path that DuckDB would take as a pattern
             # DuckDB cannot take Arrow's half floats: float16 vectors are read as float32.
             fields = [
                 f.with_type(pa.list_(pa.float32(), f.type.list_size))
