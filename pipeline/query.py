@@ -554,13 +554,18 @@ class _Pairs:
         return sorted(((a, b, c) for (a, b), c in self.pairs.items()), key=lambda p: (-p[2], p[0], p[1]))
 
 
-def _near_exact(out: Output, pairs: _Pairs) -> int:
-    """All pairs by block-wise products of the normalised vectors (all held in memory); returns N."""
-    parts = list(out.vectors())
-    keys = np.concatenate([k for k, _ in parts]) if parts else np.empty(0, dtype=object)
-    x = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, out.dim), np.float32)
-    del parts
-    n = len(x)
+def _near_exact(out: Output, pairs: _Pairs, capacity: int) -> int:
+    """All pairs by block-wise products of the normalised vectors, held in memory (at most `capacity`
+    rows: the rows without an error); returns N."""
+    x = np.empty((capacity, out.dim), np.float32)
+    keys = np.empty(capacity, dtype=object)
+    n = 0
+    for batch_keys, vectors in out.vectors():
+        if n + len(vectors) > capacity:  # rows committed since they were counted
+            raise QueryError(f"{out.uri} changed while it was read; run the command again.")
+        x[n : n + len(vectors)], keys[n : n + len(vectors)] = vectors, batch_keys
+        n += len(vectors)
+    x = x[:n]
     block = max(1, min(4096, BLOCK_VALUES // max(1, n)))
     for start in range(0, n, block):
         stop = min(n, start + block)
@@ -621,7 +626,7 @@ def dups(
         how = _described("index", n, f"{how}; the {neighbours} nearest neighbours of each vector")
         result |= {"search": "index", "index_kind": index.kind, "how": how}
     elif vectors * out.dim <= DUPS_EXACT_MAX_VALUES:
-        n = _near_exact(out, pairs)
+        n = _near_exact(out, pairs, vectors)
         result |= {"search": "exact", "how": _described("exact", n, how)}
     else:
         result |= {
