@@ -20,8 +20,10 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
+_LOADED = time.monotonic()  # before the project's imports: the summary reports what they took
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python jobs/embed.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.storage import InputError
     from vit.checkpoints import CheckpointError
 
+    imports = time.monotonic() - _LOADED  # this module's and the job's imports (torch, Ray, the pipeline)
     try:
         if args.demo and not os.path.exists(args.input):
             from pipeline.sample import make_sample
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"dry_run": True, "output": config.output}))
             return 0
         summary = run(config)
+        if __name__ == "__main__" and summary.startup:  # the command, not main() called from Python
+            summary.startup = {"imports": round(imports, 3), **summary.startup}
     except (ConfigError, InputError, CheckpointError, OutputConflictError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -90,6 +90,10 @@ class Summary:
     bound: str = ""  # the stage that limits the run
     hint: str = ""  # what to change about it
     notes: list[str] = field(default_factory=list)
+    # Where the start went, in seconds: `plan` and `ray` (starting or connecting) are durations;
+    # `first_part` and `first_row` are from the start of the run until the first part was written and
+    # the first rows were committed (the model actors' start and the first batch through every stage).
+    startup: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -100,6 +104,7 @@ class Summary:
         seconds: float,
         stats: CommitStats | None = None,
         actors: ActorStage | None = None,
+        startup: dict[str, float] | None = None,
     ) -> Summary:
         """The summary of a run that committed `stats` (none: it had nothing to do)."""
         stats = stats or CommitStats()
@@ -124,6 +129,7 @@ class Summary:
             bound=bound,
             hint=bound_hint(bound, "num_gpus" in actors.remote_args, on_actors) if actors else "",
             notes=[n for n in (first, *job.notes) if n],
+            startup={k: round(v, 3) for k, v in (startup or {}).items()},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -141,6 +147,14 @@ class Summary:
         if self.stage_seconds:
             spent = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())
             lines.append(f"Seconds per stage, all workers together: {spent}. {self.hint}".rstrip())
+        if "first_row" in self.startup:
+            s = self.startup
+            before = ", ".join(f"{k} {s[k]:.1f} s" for k in ("imports", "ray", "plan") if k in s)
+            lines.append(
+                f"Start: {before}; the first rows were committed {s['first_row']:.1f} s into the run (the "
+                f"first part written at {s.get('first_part', 0):.1f} s: model actors started, a first "
+                "batch through every stage)."
+            )
         lines += self.notes
         return "\n".join(lines)
 
@@ -395,11 +409,14 @@ def _run(
     start = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     job = plan(config, lease)
+    startup = {"plan": time.perf_counter() - start}
     job.ledger.recover()  # finish or remove what an interrupted run left, before writing anything
     job.ledger.compact(run_id)  # fold earlier runs' commit records into the ledger's index
     if not job.shards and not job.retry and not job.partitions:
         return Summary.of(config, run_id, job, time.perf_counter() - start)
+    began = time.perf_counter()
     ensure_ray(num_cpus)
+    startup["ray"] = time.perf_counter() - began
 
     actors = actor_stage(config, job)
     units = make_units(job.shards, actors.task_slots, retry=job.retry)
@@ -429,13 +446,18 @@ def _run(
             if part is None:
                 committer.tick()
             else:
+                startup.setdefault("first_part", time.perf_counter() - start)
                 committer.add(part)
+            if committer.stats.rows and "first_row" not in startup:
+                startup["first_row"] = time.perf_counter() - start
         committer.finish(_streamed(job, box))
+        if committer.stats.rows and "first_row" not in startup:
+            startup["first_row"] = time.perf_counter() - start
     finally:
         movers.shutdown()
         if not committer.moving:  # committed units still staged are moved into place by the next run
             sink.remove_staging()  # parts of units that did not complete are never used
-    summary = Summary.of(config, run_id, job, time.perf_counter() - start, committer.stats, actors)
+    summary = Summary.of(config, run_id, job, time.perf_counter() - start, committer.stats, actors, startup)
     run_ledger.finish(
         {
             "run_id": run_id,

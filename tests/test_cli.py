@@ -141,6 +141,8 @@ def test_too_many_errors_writes_everything_then_exits_1(tmp_path: Path, ray_clus
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["processed"] == 4 and summary["errors"] == 1
     assert "--max-error-rate" in proc.stdout
+    assert 0 < summary["startup"]["imports"] < summary["startup"]["first_row"]
+    assert "Start: imports" in proc.stdout
     # And within the budget the same data exits 0 (the rows are already there: nothing is redone).
     ok = _job(*where, *SMALL, "--max-error-rate", "0.5", cwd=tmp_path, head=ray_cluster)
     assert ok.returncode == 0, ok.stderr[-3000:]

@@ -90,6 +90,10 @@ def test_local_files_to_local_output(tmp_path: Path, ray_local: None):
     errors = dict(zip(table["key"].to_pylist(), table["error"].to_pylist()))
     assert errors["broken.jpg"].startswith("decode: ")
     assert summary.processed == 11 and summary.errors == 1 and summary.skipped == 0
+    start = summary.startup  # where the start went
+    assert set(start) == {"plan", "ray", "first_part", "first_row"}
+    assert start["plan"] + start["ray"] <= start["first_part"] <= start["first_row"] <= summary.seconds
+    assert f"committed {start['first_row']:.1f} s into the run" in summary.describe()
     meta = footer_metadata(pq.ParquetFile(next(out.glob("*.parquet"))))
     assert meta["model"] == "vit_ti_16" and meta["weights_sha256"] == "random"
     assert meta["image_size"] == "32" and "centre crop 32" in meta["preprocessing"]
