@@ -43,13 +43,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.sink import footer_metadata
 from pipeline.storage import InputError, resolve_uri
 from pipeline.vector_index import INDEX_DIR, MANIFEST, DataFile, VectorIndex, list_data_files
 
 if TYPE_CHECKING:
     import duckdb
 
-METADATA_PREFIX = "vit_embed."  # pipeline.sink.METADATA_PREFIX (pipeline.sink imports more than needed here)
 VECTOR_BATCH_ROWS = 16_384  # rows per batch when vectors are streamed (the job's row-group size)
 DUPS_EXACT_MAX_VALUES = 50_000_000  # exact near-duplicate search up to this many numbers (vectors × D)
 BLOCK_VALUES = 8_000_000  # similarities computed at once in exact dups (32 MB of float32)
@@ -83,14 +83,6 @@ class QueryError(ValueError):
 
 # --------------------------------------------------------------------------------------------------------
 # The output
-
-
-def _footer(schema: pa.Schema) -> dict[str, str]:
-    return {
-        k.decode()[len(METADATA_PREFIX) :]: v.decode()
-        for k, v in (schema.metadata or {}).items()
-        if k.decode().startswith(METADATA_PREFIX)
-    }
 
 
 @dataclass
@@ -134,7 +126,7 @@ class Output:
                 f"{newest} in {uri} has no 'key' and fixed-size 'embedding' columns, so it is not a data "
                 "file written by jobs/embed.py; move it out of the output."
             )
-        return cls(uri, fs, root, files, schema, _footer(schema))
+        return cls(uri, fs, root, files, schema, footer_metadata(schema))
 
     @property
     def paths(self) -> list[str]:
