@@ -76,3 +76,70 @@ def make_sample(directory: str | Path, n: int = 48, seed: int = 0) -> list[Path]
         path.write_bytes(encode(photo_like(rng, w, h), fmt))
         paths.append(path)
     return paths
+
+
+PHOTOGRAPHS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+)
+_MIN_PHOTOS_PER_SIZE = 4  # below this, native-resolution crops of the photos large enough are added
+
+
+def photographs(
+    sizes: tuple[tuple[int, int], ...] = ((500, 375), (1024, 768)), quality: int = 90
+) -> dict[str, bytes]:
+    """Real photographs as JPEG (`quality`) at each (width, height): {"<photo>-<w>x<h>.jpg": bytes}.
+
+    Made from scikit-image's colour samples (`skimage.data`, shipped in its wheel): each photo's largest
+    central crop of the size's aspect ratio, resized down with Pillow's LANCZOS (or kept, if already that
+    size). A photo smaller than a size in either dimension is skipped for that size, never upscaled
+    (upscaling smooths it, which flatters DCT-domain decoding). The photos: astronaut 512², chelsea 451×300,
+    coffee 600×400, rocket 640×427, immunohistochemistry 512², hubble_deep_field 1000×872, retina 1411²
+    (width × height). So 500×375 has six (all but chelsea), and 1024×768 only retina (hubble_deep_field is
+    24 px too narrow). Where fewer than four photos reach a size, crops at that size at native resolution
+    (no resampling) of the photos large enough are added, at five positions: the centre and the middle of
+    each edge ("<photo>-crop-<position>-<w>x<h>.jpg"). 1024×768 is thus retina alone: the whole photo
+    resized 1411×1058 → 1024×768, and five native crops of it (a fundus photograph: its dark surround fills
+    0–10 % of each crop).
+    """
+    try:
+        from skimage import data as skdata
+    except ImportError:
+        raise ImportError(
+            "photographs() needs scikit-image for its sample photos: pip install scikit-image"
+        ) from None
+    arrays = {name: np.asarray(getattr(skdata, name)())[..., :3] for name in PHOTOGRAPHS}
+    out: dict[str, bytes] = {}
+    for w, h in sizes:
+        found = 0
+        for name, a in arrays.items():
+            ah, aw = a.shape[:2]
+            cw, ch = (aw, aw * h // w) if aw * h <= ah * w else (ah * w // h, ah)  # largest w:h crop
+            if cw < w or ch < h:
+                continue
+            left, top = (aw - cw) // 2, (ah - ch) // 2
+            im = Image.fromarray(np.ascontiguousarray(a[top : top + ch, left : left + cw]), "RGB")
+            if (cw, ch) != (w, h):
+                im = im.resize((w, h), Image.Resampling.LANCZOS)
+            out[f"{name}-{w}x{h}.jpg"] = encode(im, quality=quality)
+            found += 1
+        if found >= _MIN_PHOTOS_PER_SIZE:
+            continue
+        for name, a in arrays.items():
+            ah, aw = a.shape[:2]
+            if aw < w or ah < h:
+                continue
+            cx, cy = (aw - w) // 2, (ah - h) // 2
+            positions = {"centre": (cx, cy), "left": (0, cy), "right": (aw - w, cy), "top": (cx, 0)}
+            positions["bottom"] = (cx, ah - h)
+            for where, (x, y) in positions.items():
+                crop = np.ascontiguousarray(a[y : y + h, x : x + w])
+                out[f"{name}-crop-{where}-{w}x{h}.jpg"] = encode(
+                    Image.fromarray(crop, "RGB"), quality=quality
+                )
+    return out

@@ -106,3 +106,17 @@ def test_embeddings_of_both_modes_against_torchvision(images: dict[str, bytes], 
             assert float(cos.min()) >= 0.998, worst
             assert (logits.argmax(1) == ref_logits.argmax(1)).all()
     print(f"worst embedding cosine against torchvision: {worst}")
+
+
+def test_sample_photographs_are_jpegs_at_each_size() -> None:
+    from pipeline.sample import photographs
+
+    sizes = ((500, 375), (1024, 768))
+    images = photographs(sizes)
+    for w, h in sizes:
+        at_size = {n: d for n, d in images.items() if n.endswith(f"-{w}x{h}.jpg")}
+        assert at_size, (w, h)
+        for name, data in at_size.items():
+            im = Image.open(io.BytesIO(data))
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (w, h)), name
+    assert len(images) == sum(n.endswith(("-500x375.jpg", "-1024x768.jpg")) for n in images)
