@@ -225,8 +225,21 @@ def ivf_lists(n: int) -> int:
     return max(1, min(_pow2(2 * math.sqrt(n)), n // IVF_MIN_POINTS_PER_LIST))
 
 
-def _new_index(kind: str, vectors: np.ndarray, dim: int) -> tuple[Any, dict[str, Any]]:
-    """An empty index of `kind` (IVF trained on a sample of `vectors`) and its parameters."""
+def _training_sample(parts: list[np.ndarray], size: int) -> np.ndarray:
+    """`size` vectors drawn at random (seeded) from all of `parts`, without joining the parts whole."""
+    n = sum(len(p) for p in parts)
+    if n <= size:
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    chosen = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    return np.concatenate(
+        [p[chosen[(chosen >= lo) & (chosen < hi)] - lo] for p, lo, hi in zip(parts, bounds[:-1], bounds[1:])]
+    )
+
+
+def _new_index(kind: str, parts: list[np.ndarray], dim: int) -> tuple[Any, dict[str, Any]]:
+    """An empty index of `kind` (IVF trained on a sample of `parts`, the vectors it will hold) and its
+    search parameters."""
     faiss = _faiss()
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {}
@@ -235,18 +248,15 @@ def _new_index(kind: str, vectors: np.ndarray, dim: int) -> tuple[Any, dict[str,
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
         return faiss.IndexIDMap2(hnsw), params
-    nlist = ivf_lists(len(vectors))
+    n = sum(len(p) for p in parts)
+    nlist = ivf_lists(n)
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.niter = 10
     ivf.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
     ivf.cp.seed = 1234
-    sample = vectors
-    if len(vectors) > IVF_POINTS_PER_LIST * nlist:
-        rng = np.random.default_rng(0)
-        sample = vectors[np.sort(rng.choice(len(vectors), IVF_POINTS_PER_LIST * nlist, replace=False))]
-    ivf.train(sample)
+    ivf.train(_training_sample(parts, IVF_POINTS_PER_LIST * nlist))
     nprobe = min(nlist, max(IVF_MIN_NPROBE, _pow2(nlist * IVF_NPROBE_FRACTION)))
-    return ivf, {"nlist": nlist, "nprobe": nprobe, "trained_on": len(vectors)}
+    return ivf, {"nlist": nlist, "nprobe": nprobe, "trained_on": n}
 
 
 def _search_params(kind: str, params: dict[str, Any], deleted: np.ndarray) -> Any:
@@ -504,7 +514,10 @@ def build_index(output: str, *, kind: str = "auto", rebuild: bool = False) -> di
         read.sort(key=lambda r: r[0].file.name)
         state = _Incremental.new(target, dim, [v for _, v, _ in read])
         files = {}
-    for o, vectors, keys in read:
+    files_read = len(read)
+    read.reverse()
+    while read:  # each file's vectors are let go once in the index
+        o, vectors, keys = read.pop()
         state.add(vectors, keys, o.file.name)
         files[o.file.name] = o.file.stamp() | {"vectors": len(vectors), "run_id": o.run_id}
 
@@ -523,7 +536,7 @@ def build_index(output: str, *, kind: str = "auto", rebuild: bool = False) -> di
     }
     _commit(fs, root, output, new_manifest)
     return summary | _result(
-        new_manifest, start, files_read=len(read), added=added, removed=removed, rebuilt=state.rebuilt
+        new_manifest, start, files_read=files_read, added=added, removed=removed, rebuilt=state.rebuilt
     )
 
 
@@ -567,8 +580,7 @@ class _Incremental:
         n = sum(len(p) for p in parts)
         if kind != "flat" and n == 0:
             kind = "flat"  # nothing to train or link yet
-        sample = np.concatenate(parts) if kind == "ivf" else np.zeros((0, dim), np.float32)
-        index, params = _new_index(kind, sample, dim)
+        index, params = _new_index(kind, parts, dim)
         state = cls(kind, index, params, KEYS_SCHEMA.empty_table(), 0)
         state.rebuilt = True
         return state

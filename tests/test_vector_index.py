@@ -285,6 +285,17 @@ def test_auto_moves_from_exact_to_ivf_as_the_output_grows(
     assert summary["params"]["nprobe"] >= 1 and summary["params"]["trained_on"] == 2000
 
 
+def test_ivf_trains_on_a_sample_drawn_from_every_file() -> None:
+    parts = [
+        np.full((n, 2), i, np.float32) + np.arange(n, dtype=np.float32)[:, None] / n
+        for i, n in enumerate([500, 30, 1500])
+    ]
+    sample = vector_index._training_sample(parts, 400)
+    assert sample.shape == (400, 2) and len(np.unique(sample[:, 0])) == 400
+    assert set(np.floor(sample[:, 0]).astype(int)) == {0, 1, 2}
+    assert vector_index._training_sample(parts, 5000).shape == (2030, 2)
+
+
 def test_search_checks_its_queries(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     x = _vectors(50, 18)
@@ -364,6 +375,7 @@ def test_s3_output_with_literal_keys(s3_server: str, s3_bucket: str, monkeypatch
     out = f"s3://{s3_bucket}/emb #1+%20?"
     a = _vectors(600, 22)
     keys = _write(out, "part-run1-u000000.parquet", a)
+    assert VectorIndex.open(out) is None
     assert build_index(out)["vectors"] == 600
     _write(out, "part-run2-u000000.parquet", _vectors(200, 23), run_id="run2")
     vi = VectorIndex.open(out)
