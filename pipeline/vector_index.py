@@ -65,7 +65,9 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 FLAT_MAX_VALUES = 25_000_000  # auto: exact search up to this many numbers (vectors × dimension)
 IVF_POINTS_PER_LIST = 64  # k-means trains on at most this many vectors per list (FAISS warns below 39)
 IVF_MIN_POINTS_PER_LIST = 39
-IVF_NPROBE_FRACTION = 1 / 32  # lists a query scans: ≥ 0.95 recall@10 on clustered data (benchmarks/index.py)
+# Numbers (vectors × dimension) an IVF query scans, which sets nprobe: ~16k ViT-B vectors, ~7 ms on one core
+# of the benchmark's machine (32 of 2,048 lists at 1 M vectors; benchmarks/README.md).
+IVF_SCAN_VALUES = 12_000_000
 IVF_MIN_NPROBE = 8
 IVF_RETRAIN_GROWTH = 4  # rebuild an IVF index once it holds this many times the vectors it trained on
 HNSW_M = 32
@@ -237,6 +239,12 @@ def _training_sample(parts: list[np.ndarray], size: int) -> np.ndarray:
     )
 
 
+def ivf_nprobe(n: int, nlist: int, dim: int) -> int:
+    """Lists a query scans: about IVF_SCAN_VALUES numbers, at least IVF_MIN_NPROBE lists, at most all."""
+    per_list = max(1.0, n / nlist) * dim
+    return max(1, min(nlist, max(IVF_MIN_NPROBE, round(IVF_SCAN_VALUES / per_list))))
+
+
 def _new_index(kind: str, parts: list[np.ndarray], dim: int) -> tuple[Any, dict[str, Any]]:
     """An empty index of `kind` (IVF trained on a sample of `parts`, the vectors it will hold) and its
     search parameters."""
@@ -255,8 +263,7 @@ def _new_index(kind: str, parts: list[np.ndarray], dim: int) -> tuple[Any, dict[
     ivf.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
     ivf.cp.seed = 1234
     ivf.train(_training_sample(parts, IVF_POINTS_PER_LIST * nlist))
-    nprobe = min(nlist, max(IVF_MIN_NPROBE, _pow2(nlist * IVF_NPROBE_FRACTION)))
-    return ivf, {"nlist": nlist, "nprobe": nprobe, "trained_on": n}
+    return ivf, {"nlist": nlist, "nprobe": ivf_nprobe(n, nlist, dim), "trained_on": n}
 
 
 def _search_params(kind: str, params: dict[str, Any], deleted: np.ndarray) -> Any:
@@ -351,10 +358,10 @@ class VectorIndex:
         base = _index_root(root)
         index = faiss.deserialize_index(_read_bytes(fs, f"{base}/{manifest['index_file']}"))
         with fs.open_input_file(f"{base}/{manifest['keys_file']}") as f:
-            table = pq.read_table(f)
+            table = pq.ParquetFile(f).read()  # read_table would import pyarrow.dataset
         live = pc.is_valid(table["key"])
         ids = table["id"].to_numpy()
-        live_np = live.to_numpy(zero_copy_only=False)
+        live_np = live.to_numpy()
         order = np.argsort(ids[live_np], kind="stable")
         return cls(
             output=output,
@@ -590,7 +597,7 @@ class _Incremental:
         base = _index_root(root)
         index = _faiss().deserialize_index(_read_bytes(fs, f"{base}/{manifest['index_file']}"))
         with fs.open_input_file(f"{base}/{manifest['keys_file']}") as f:
-            keys = pq.read_table(f, schema=KEYS_SCHEMA)
+            keys = pq.ParquetFile(f).read().cast(KEYS_SCHEMA)
         return cls(manifest["kind"], index, dict(manifest["params"]), keys, int(manifest["next_id"]))
 
     def needs_rebuild(self, added: int, removed: int) -> bool:
