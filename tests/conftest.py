@@ -60,6 +60,21 @@ else:
 # Buckets the tests create: s3_bucket's, and those a test makes itself with the same pattern.
 TEST_BUCKET = re.compile(r"t-[0-9a-f]{12}")
 
+# Test files that start Ray nodes of their own (a head, a multi-node Cluster, jobs with a local Ray).
+# With pytest-xdist (`-n 2 --dist loadgroup`, as CI runs the suite) they share one group, so they run one
+# after the other in one process: Ray gives a new node 30 s to register, which two nodes starting at once
+# on a busy 2-core machine can exceed. Every other file is a group of its own (its module fixtures are
+# made once).
+OWN_RAY_FILES = frozenset(
+    {"test_cluster.py", "test_faults.py", "test_job_submit.py", "test_recovery.py", "test_signals.py"}
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("own-ray" if name in OWN_RAY_FILES else name))
+
 
 def free_port() -> int:
     with socket.socket() as s:

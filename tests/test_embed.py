@@ -58,9 +58,9 @@ def test_pieces_are_never_smaller_than_min_piece_rows(rows: int, calls: int):
     sizes = []
     forward = stage.model.forward_patches
 
-    def counted(x):
+    def counted(x, *args):
         sizes.append(len(x))
-        return forward(x)
+        return forward(x, *args)
 
     stage.model.forward_patches = counted  # type: ignore[method-assign]
     out = stage(_batch(rows, bad=set()))

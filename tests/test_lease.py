@@ -111,10 +111,15 @@ def test_a_run_paused_past_its_lease_finds_out_before_committing(
     first = OutputLease(output, "first")
     first.acquire()
     monkeypatch.setattr(lease_mod, "LEASE_S", -1.0)
-    OutputLease(output, "second").acquire()  # took over while `first` was paused
+    second = OutputLease(output, "second")
+    second.acquire()  # took over while `first` was paused
     monkeypatch.setattr(lease_mod, "CHECK_RENEW_S", 0.0)
-    with pytest.raises(LeaseLostError):
-        first.check()  # no renewal ran in between: check() renews itself
+    try:
+        with pytest.raises(LeaseLostError):
+            first.check()  # no renewal ran in between: check() renews itself
+    finally:  # their renewal threads would go on writing the lease after the test
+        first.release()
+        second.release()
 
 
 def test_renewal_keeps_the_lease(output: str, monkeypatch: pytest.MonkeyPatch):

