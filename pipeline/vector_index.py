@@ -74,6 +74,7 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 HNSW_MAX_DELETED = 0.25  # rebuild an HNSW graph once this fraction of it is deleted
+IO_CHUNK = 8 * 2**20  # bytes per read or write when streaming an index
 FEW_QUERIES = 16  # below this many queries a search runs on one thread (FAISS splits work by query)
 _DATA_FILE = re.compile(r"^part-(?P<run>.+)-u\d+\.parquet$")
 _IDENTITY = ("model", "weights_sha256", "seed")
@@ -281,14 +282,26 @@ def _search_params(kind: str, params: dict[str, Any], deleted: np.ndarray) -> An
     return None
 
 
-def _read_bytes(fs: pafs.FileSystem, path: str) -> np.ndarray:
+def _read_index(fs: pafs.FileSystem, path: str) -> Any:
+    """A FAISS index read from `path` in `fs`, streamed (no second copy of its bytes in memory)."""
+    faiss = _faiss()
     with fs.open_input_file(path) as f:
-        return np.frombuffer(f.read(), dtype=np.uint8)
+        reader = faiss.PyCallbackIOReader(f.read, IO_CHUNK)
+        try:
+            return faiss.read_index(reader)
+        finally:
+            del reader
 
 
-def _write_bytes(fs: pafs.FileSystem, path: str, data: np.ndarray) -> None:
+def _write_index(fs: pafs.FileSystem, path: str, index: Any) -> None:
+    """Writes a FAISS index to `path` in `fs`, streamed."""
+    faiss = _faiss()
     with fs.open_output_stream(path) as s:
-        s.write(pa.py_buffer(data))
+        writer = faiss.PyCallbackIOWriter(s.write, IO_CHUNK)
+        try:
+            faiss.write_index(index, writer)
+        finally:
+            del writer  # flushes its last chunk
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,9 +367,8 @@ class VectorIndex:
 
     @classmethod
     def _load(cls, output: str, fs: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> VectorIndex:
-        faiss = _faiss()
         base = _index_root(root)
-        index = faiss.deserialize_index(_read_bytes(fs, f"{base}/{manifest['index_file']}"))
+        index = _read_index(fs, f"{base}/{manifest['index_file']}")
         with fs.open_input_file(f"{base}/{manifest['keys_file']}") as f:
             table = pq.ParquetFile(f).read()  # read_table would import pyarrow.dataset
         live = pc.is_valid(table["key"])
@@ -595,7 +607,7 @@ class _Incremental:
     @classmethod
     def load(cls, fs: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> _Incremental:
         base = _index_root(root)
-        index = _faiss().deserialize_index(_read_bytes(fs, f"{base}/{manifest['index_file']}"))
+        index = _read_index(fs, f"{base}/{manifest['index_file']}")
         with fs.open_input_file(f"{base}/{manifest['keys_file']}") as f:
             keys = pq.ParquetFile(f).read().cast(KEYS_SCHEMA)
         return cls(manifest["kind"], index, dict(manifest["params"]), keys, int(manifest["next_id"]))
@@ -637,10 +649,9 @@ class _Incremental:
 
     def write(self, fs: pafs.FileSystem, root: str, generation: str) -> dict[str, Any]:
         """Writes the generation's files; returns the manifest's fields about them."""
-        faiss = _faiss()
         directory = f"{_index_root(root)}/{generation}"
         make_dirs(fs, directory)
-        _write_bytes(fs, f"{directory}/index.faiss", faiss.serialize_index(self.index))
+        _write_index(fs, f"{directory}/index.faiss", self.index)
         with fs.open_output_stream(f"{directory}/keys.parquet") as s:
             pq.write_table(self.keys.combine_chunks(), s, compression="zstd")
         return {
