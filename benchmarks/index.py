@@ -36,8 +36,9 @@ Candidates (``--configs``; each is built once and searched with every setting li
 - ``lance-hnsw``: Lance's IVF_HNSW_SQ index (√n / 4 partitions), nprobes swept.
 
     .venv/bin/python benchmarks/index.py                                   # 100k, both data sets, all
-    .venv/bin/python benchmarks/index.py --sizes 1000000 --configs flat,hnsw,ivf-sq8 --data random
+    .venv/bin/python benchmarks/index.py --sizes 1000000 --configs flat,ivf,ivf-sq8 --data random
     .venv/bin/python benchmarks/index.py --sizes 20000 --queries 200 --json   # quick
+    .venv/bin/python benchmarks/index.py --end-to-end 1000000   # pipeline.vector_index, as jobs/index.py
 
 1 M vectors of 768 floats are 3 GB; with the exact top-10s and the largest index this needs ~8 GB of
 memory. On 2 vCPUs an HNSW build over 1 M takes tens of minutes; IVF builds take a few.
@@ -290,6 +291,72 @@ def _measure(built: Built, q: np.ndarray, truth: np.ndarray, setting: Any) -> di
 # --------------------------------------------------------------------------------------------------------
 
 
+def end_to_end(n: int, args: argparse.Namespace, workdir: str) -> None:
+    """``pipeline.vector_index`` as jobs/index.py runs it, on an output written with the job's writer: n
+    clustered vectors (float16, 1 % error rows) in 4,096-row data files; a full build (kind auto), one new
+    file, one replaced file, a build with nothing to do, opening the index, 200 single queries."""
+    import pyarrow.fs as pafs
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from pipeline.sink import OutputSpec, to_table, write_parquet
+    from pipeline.vector_index import VectorIndex, build_index
+
+    out, rows, dim = os.path.join(workdir, "output"), 4096, args.dim
+    os.makedirs(out, exist_ok=True)
+    spec = OutputSpec(dim, 0, "float16")
+    identity = {"model": "vit_b_16", "weights_sha256": "0" * 64, "seed": ""}
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.clusters, dim), dtype=np.float32)
+
+    def write(name: str, m: int, run_id: str) -> np.ndarray:
+        x = centres[rng.integers(args.clusters, size=m)]
+        x += args.spread * rng.standard_normal((m, dim), dtype=np.float32)
+        batch = {
+            "key": np.array([f"images/{name}/{i}.jpg" for i in range(m)], dtype=object),
+            "embedding": x,
+            "error": np.array(["decode: broken" if b else None for b in rng.random(m) < 0.01], object),
+        }
+        schema = spec.schema(identity | {"run_id": run_id})
+        write_parquet([to_table(batch, spec, schema)], pafs.LocalFileSystem(), f"{out}/{name}", schema)
+        return x
+
+    t = time.perf_counter()
+    for u in range(-(-n // rows)):
+        write(f"part-run1-u{u:06d}.parquet", min(rows, n - u * rows), "run1")
+    print(f"wrote {n} rows in {-(-n // rows)} files in {time.perf_counter() - t:.0f} s; load {load()}")
+
+    def step(what: str) -> None:
+        rss = _status()["VmRSS"]
+        _reset_peak()
+        s = build_index(out)
+        print(
+            f"{what}: {s['seconds']:.1f} s, kind {s['kind']} {s['params']}, {s['vectors']} vectors, "
+            f"{s['files_read']} file(s) read, rebuilt {s['rebuilt']}, peak memory +"
+            f"{(_status()['VmHWM'] - rss) / 2**20:.0f} MB; load {load()}",
+            flush=True,
+        )
+
+    step("full build")
+    queries = write("part-run2-u000000.parquet", rows, "run2")
+    step("one new file")
+    write("part-run1-u000003.parquet", rows, "run1")
+    step("one replaced file")
+    step("nothing new")
+    t = time.perf_counter()
+    vi = VectorIndex.open(out)
+    assert vi is not None
+    opened = time.perf_counter() - t
+    times = []
+    for q in queries[:200]:
+        t = time.perf_counter()
+        vi.search(q, K)
+        times.append((time.perf_counter() - t) * 1e3)
+    print(
+        f"open: {opened:.1f} s; search (k={K}, one query at a time): median {np.median(times):.2f} ms, "
+        f"p95 {np.percentile(times, 95):.2f} ms; load {load()}"
+    )
+
+
 def load() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -331,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where Lance datasets go (default: a temp directory)")
     p.add_argument("--json", action="store_true", help="one JSON object per result line instead of a table")
+    p.add_argument(
+        "--end-to-end",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: time pipeline.vector_index (build, updates, open, search) on an output of N vectors",
+    )
     args = p.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     unknown = sorted(set(configs) - set(ALL_CONFIGS))
@@ -339,6 +413,14 @@ def main(argv: list[str] | None = None) -> int:
 
     head = header()
     print(" | ".join(f"{k}: {v}" for k, v in head.items()), flush=True)
+    if args.end_to_end:
+        workdir = args.workdir or tempfile.mkdtemp(prefix="index-bench-")
+        try:
+            end_to_end(args.end_to_end, args, workdir)
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     print(f"goal: recall@{K} ≥ {GOAL_RECALL} at ≤ {GOAL_MS} ms per single query", flush=True)
     if not args.json:
         print(
