@@ -45,7 +45,14 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.sink import footer_metadata
 from pipeline.storage import InputError, resolve_uri
-from pipeline.vector_index import INDEX_DIR, MANIFEST, DataFile, VectorIndex, list_data_files
+from pipeline.vector_index import (
+    INDEX_DIR,
+    MANIFEST,
+    DataFile,
+    VectorIndex,
+    list_data_files,
+    stale_files,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -219,25 +226,13 @@ def _read_index_manifest(out: Output) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
 
-def _stale(covered: dict[str, dict[str, Any]], current: dict[str, DataFile]) -> list[str]:
-    """Data files that the index does not cover as they are now: new, replaced or gone."""
-    changed = [
-        name
-        for name, f in current.items()
-        if name not in covered
-        or covered[name].get("size") != f.size
-        or covered[name].get("mtime_ns") != f.mtime_ns
-    ]
-    return sorted(changed + [name for name in covered if name not in current])
-
-
 def index_state(out: Output) -> dict[str, Any]:
     """Whether the output has an index and whether it covers the data files as they are now (read from the
     index's manifest, without loading the index)."""
     manifest = _read_index_manifest(out)
     if manifest is None:
         return {"exists": False}
-    stale = _stale(manifest["files"], out.files)
+    stale = stale_files(manifest["files"], out.files)
     return {
         "exists": True,
         "kind": manifest.get("kind"),
