@@ -24,8 +24,8 @@ lists; a query scans ``nprobe`` of them, as many as make about ``IVF_SCAN_VALUES
 (IndexHNSWFlat graph, M=32). ``auto`` is exact search while the index holds at most ``FLAT_MAX_VALUES``
 numbers (vectors × dimension: ~32k ViT-B vectors; exact search costs ~0.3 ms per 1,000 ViT-B vectors on
 one core of the benchmark's machine, 330 ms at 1 M) and IVF above. Measured with benchmarks/index.py
-(figures in benchmarks/README.md): FAISS IVF finds the same neighbours as HNSW per millisecond of search,
-builds 10–25× faster (HNSW over 1 M vectors takes hours on 2 vCPUs) and removes vectors for real, which a
+(figures in benchmarks/README.md): FAISS IVF reaches about HNSW's recall per millisecond of search, builds
+10–75× faster (100k vectors: 5–40 s against 112–437 s on 2 vCPUs) and removes vectors for real, which a
 rerun that replaces files needs; Lance's indexes cost 5–7 ms per query before any search work.
 
 Updates are incremental: only data files that are new, changed (size or modification time) or gone are
@@ -35,7 +35,7 @@ vectors added. The index is rebuilt from all data files instead when ``rebuild=T
 changes (``auto`` going from flat to ivf as the output grows, or another ``kind=``), and when an IVF index
 has grown to 4× the vectors its lists were trained on. Each build reads and rewrites the whole index file
 (FAISS stores an index whole): at 1 M ViT-B vectors that is ~3 GB, and adding or replacing one 4,096-row
-data file took 10–15 s where a full build took ~165 s (``benchmarks/index.py --end-to-end``).
+data file took 10–16 s where a full build took 113–165 s (``benchmarks/index.py --end-to-end``).
 """
 
 from __future__ import annotations
