@@ -132,22 +132,29 @@ def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 @dataclass
 class _Opened:
-    """A data file's footer: what it holds, before its vectors are read."""
+    """A data file's footer: what it holds, before its vectors are read (no file is kept open: an output
+    may hold more data files than a process may open at once)."""
 
     file: DataFile
-    parquet: pq.ParquetFile
+    path: str
+    has_error: bool
     model: dict[str, Any]
     run_id: str
 
 
+def _unreadable(output: str, f: DataFile, e: Exception) -> VectorIndexError:
+    return VectorIndexError(
+        f"Cannot index {output}: its data file {f.name} cannot be read ({storage.describe(e, 200)})."
+    )
+
+
 def _open_data_file(fs: pafs.FileSystem, root: str, output: str, f: DataFile) -> _Opened:
+    path = f"{root}/{f.name}"
     try:
-        parquet = pq.ParquetFile(fs.open_input_file(f"{root}/{f.name}"))
+        with fs.open_input_file(path) as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
     except (OSError, pa.ArrowInvalid) as e:
-        raise VectorIndexError(
-            f"Cannot index {output}: its data file {f.name} cannot be read ({storage.describe(e, 200)})."
-        ) from e
-    schema = parquet.schema_arrow
+        raise _unreadable(output, f, e) from e
     emb = schema.field("embedding").type if "embedding" in schema.names else None
     if (
         "key" not in schema.names
@@ -167,16 +174,20 @@ def _open_data_file(fs: pafs.FileSystem, root: str, output: str, f: DataFile) ->
     model = {k: meta.get(k) for k in _IDENTITY} | {"embedding_dim": int(emb.list_size)}
     match = _DATA_FILE.match(f.name)
     run_id = meta.get("run_id") or (match.group("run") if match else "")
-    return _Opened(f, parquet, model, run_id)
+    return _Opened(f, path, "error" in schema.names, model, run_id)
 
 
-def _read_vectors(opened: _Opened) -> tuple[np.ndarray, pa.Array]:
+def _read_vectors(fs: pafs.FileSystem, output: str, opened: _Opened) -> tuple[np.ndarray, pa.Array]:
     """The file's good rows: (L2-normalised float32 vectors [n, dim], their keys). Rows with a null
     embedding, an error, or a zero or non-finite vector are skipped."""
-    columns = ["key", "embedding"] + (["error"] if "error" in opened.parquet.schema_arrow.names else [])
-    table = opened.parquet.read(columns=columns)
+    columns = ["key", "embedding"] + (["error"] if opened.has_error else [])
+    try:
+        with fs.open_input_file(opened.path) as handle:
+            table = pq.ParquetFile(handle).read(columns=columns)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise _unreadable(output, opened.file, e) from e
     keep = pc.is_valid(table["embedding"])
-    if "error" in table.column_names:
+    if opened.has_error:
         keep = pc.and_(keep, pc.is_null(table["error"]))
     table = table.filter(keep)
     dim = opened.model["embedding_dim"]
@@ -514,7 +525,8 @@ def build_index(output: str, *, kind: str = "auto", rebuild: bool = False) -> di
     if manifest and not names and wanted == manifest["kind"]:
         return summary | _result(manifest, start, files_read=0, added=0, removed=0, rebuilt=False)
 
-    read = [(o, *_read_vectors(o)) for o in opened]
+    log.info("reading %d new or replaced data file(s) of %s", len(opened), output)
+    read = [(o, *_read_vectors(fs, output, o)) for o in opened]
     added = sum(len(v) for _, v, _ in read)
     removed = sum(int(covered[n].get("vectors", 0)) for n in [*changed, *gone])
     assert known is not None
@@ -532,8 +544,9 @@ def build_index(output: str, *, kind: str = "auto", rebuild: bool = False) -> di
     else:  # a full build: the files not read above are read too
         seen = {o.file.name for o in opened}
         rest = [_open_data_file(fs, root, output, current[n]) for n in sorted(current) if n not in seen]
+        log.info("building a %s index anew: reading %d more data file(s)", target, len(rest))
         known = _check_models(output, rest, known)
-        read += [(o, *_read_vectors(o)) for o in rest]
+        read += [(o, *_read_vectors(fs, output, o)) for o in rest]
         read.sort(key=lambda r: r[0].file.name)
         state = _Incremental.new(target, dim, [v for _, v, _ in read])
         files = {}
@@ -546,6 +559,7 @@ def build_index(output: str, *, kind: str = "auto", rebuild: bool = False) -> di
 
     assert known is not None
     generation = _generation()
+    log.info("writing generation %s: %d vectors", generation, state.index.ntotal)
     new_manifest = state.write(fs, root, generation) | {
         "format": FORMAT,
         "kind": state.kind,
