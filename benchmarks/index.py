@@ -410,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(configs) - set(ALL_CONFIGS))
     if unknown:
         p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(ALL_CONFIGS)}")
+    if any(c.startswith("lance-") for c in configs):
+        try:
+            import lance  # noqa: F401
+        except ImportError:
+            p.error("the lance-* configurations need Lance: pip install pylance, or leave them out")
 
     head = header()
     print(" | ".join(f"{k}: {v}" for k, v in head.items()), flush=True)
