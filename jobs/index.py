@@ -19,19 +19,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python jobs/index.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
+from jobs._args import OneSentenceParser as _Parser  # noqa: E402
 from pipeline.vector_index import KINDS  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """A bad argument: one sentence and status 2 (argparse's usage text goes with --help)."""
-        self.exit(2, f"error: {message[0].upper()}{message[1:].rstrip('.')}; see --help.\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,19 +20,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python jobs/query.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(ROOT))
 
+from jobs._args import OneSentenceParser as _Parser  # noqa: E402
 from pipeline.query import DEFAULT_K, DEFAULT_LIMIT, DEFAULT_THRESHOLD  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """A bad argument: one sentence and status 2 (argparse's usage text goes with --help)."""
-        self.exit(2, f"error: {message[0].upper()}{message[1:].rstrip('.')}; see --help.\n")
 
 
 def _positive(text: str) -> int:
