@@ -98,13 +98,19 @@ def _outputs(
     logits: np.ndarray | None,
     heads: Heads,
     seconds: float,
+    start_s: float = 0.0,
 ) -> dict:
-    """The batch without its patches, plus the model outputs (`heads.columns` of the float32 `logits`)
-    and `embed_s` (this batch's model time per row, for the run's per-stage report); other columns pass
+    """The batch without its patches, plus the model outputs (`heads.columns` of the float32 `logits`),
+    `embed_s` (this batch's model time per row, for the run's per-stage report) and `model_start_s` (the
+    actor's start, `start_s`, on the first row of its first batch; zeros elsewhere); other columns pass
     through unchanged."""
     out = clean_nullable({k: v for k, v in batch.items() if k != "patches"})
+    n = len(embedding)
     out["embedding"] = embedding
-    out["embed_s"] = np.full(len(embedding), seconds / max(1, len(embedding)))
+    out["embed_s"] = np.full(n, seconds / max(1, n))
+    out["model_start_s"] = np.zeros(n)
+    if n:
+        out["model_start_s"][0] = start_s
     if logits is not None:
         out.update(heads.columns(logits))
     return out
@@ -161,6 +167,7 @@ class EmbedPatches:
         topk: int = 5,
         exact: bool = False,
     ) -> None:
+        began = time.perf_counter()
         import torch
 
         self.exact = exact  # --preprocess exact: the model normalizes in torchvision's order
@@ -186,6 +193,12 @@ class EmbedPatches:
 
             self.decoder = GpuDecoder(**decode, device=str(self.device))
         log.info("model %s ready on %s", spec.preset, self.device)
+        self._start_s = time.perf_counter() - began  # reported once, with the first batch
+
+    def _started(self) -> float:
+        """The actor's start in seconds (torch's import, the weights, the device) the first time; then 0."""
+        start_s, self._start_s = self._start_s, 0.0
+        return start_s
 
     def _forward(self, patches: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 patches (numpy, or a tensor already on the device) → numpy embedding and logits.
@@ -278,7 +291,7 @@ class EmbedPatches:
                 errors[ok] = f"embed: {type(e).__name__}: {e}"
         _refuse_non_finite(errors, embedding, logits, self.heads)
         seconds = time.perf_counter() - start
-        return _outputs({**batch, "error": errors}, embedding, logits, self.heads, seconds)
+        return _outputs({**batch, "error": errors}, embedding, logits, self.heads, seconds, self._started())
 
 
 class FakeEmbedPatches:

@@ -1,7 +1,7 @@
 """Planning: everything a run decides before any worker starts, and what `--dry-run` prints.
 
-`plan(config, lease)` loads the weights once (validating them), lists and checks the input, takes the
-output's lease (a run; `--dry-run` takes none), reads the output's ledger and decides what is still to do.
+`plan(config, lease)` loads the weights once (validating them) while it lists and checks the input, takes
+the output's lease (a run; `--dry-run` takes none), reads the output's ledger and decides what is still to do.
 Arguments refused here leave the output untouched.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import TYPE_CHECKING, Any
@@ -198,20 +199,21 @@ def output_spec(config: JobConfig, loaded: LoadedModel, shards: list[Shard], str
 def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     """Validates the arguments, weights and input, then takes `lease` and reads the output's ledger."""
     spec = model_spec(config)
-    loaded = spec.load()  # validates the weights here, once, before any worker starts
+    # The weights are loaded (validating them, once, before any worker starts) in a thread while this one
+    # lists the input: torch's import alone takes seconds. A weights error is still reported first.
+    with ThreadPoolExecutor(1, thread_name_prefix="load-weights") as pool:
+        loading = pool.submit(spec.load)
+        try:
+            partitions, shards = _list_input(config)
+            listing_error = None
+        except Exception as e:
+            listing_error = e
+        loaded = loading.result()
+    if listing_error is not None:
+        raise listing_error
     mc = loaded.model.config
     resize_size = check_sizes(mc.image_size, mc.patch_size, None)  # the decode stage's default
 
-    partitions, listed = streamed_partitions(config)
-    if partitions:
-        shards = []
-    elif listed:  # the driver listed the whole input to see that it is small
-        shards = make_shards(config.input, listed, config.format)
-    else:
-        shards = list_shards(config.input, config.format, config.input_list)
-    parquet = [s for s in shards if s.kind == "parquet"]
-    if parquet:  # the image and key columns, on one file's schema
-        check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
     output = output_spec(config, loaded, shards, bool(partitions))
     ident = identity(config, loaded, resize_size, output)
     if lease is not None:
@@ -244,6 +246,22 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
         find = (lambda rels: stat_shards(config.input, rels)) if partitions else (lambda rels: done_shards)
         result.retry, result.notes = retry_units(ledger, find)
     return result
+
+
+def _list_input(config: JobConfig) -> tuple[list[Partition], list[Shard]]:
+    """The input's listing partitions when it is streamed, else its shards, listed on the driver; a
+    Parquet input's image and key columns are checked on one file's schema."""
+    partitions, listed = streamed_partitions(config)
+    if partitions:
+        shards = []
+    elif listed:  # the driver listed the whole input to see that it is small
+        shards = make_shards(config.input, listed, config.format)
+    else:
+        shards = list_shards(config.input, config.format, config.input_list)
+    parquet = [s for s in shards if s.kind == "parquet"]
+    if parquet:
+        check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
+    return partitions, shards
 
 
 def streamed_partitions(config: JobConfig) -> tuple[list[Partition], list[Entry] | None]:

@@ -19,7 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.cluster import ActorStage, ReportBox, actor_stage, ensure_ray, send_report, write_batch_rows
+from pipeline.cluster import (
+    ActorStage,
+    ReportBox,
+    actor_stage,
+    ensure_ray,
+    send_report,
+    warm_workers,
+    write_batch_rows,
+)
 from pipeline.commit import CommitStats, Committer
 from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
@@ -41,6 +49,7 @@ TICK_S = 0.5  # the commit loop looks at the clock at least this often, whether 
 # tasks would let embedded rows pile up in the object store instead of committing while the run goes on.
 # Ray Data's backpressure still bounds how many run at once.
 WRITE_CPUS = 0
+WARM_WORKERS = 16  # at most this many worker processes of a local Ray import the stages at its start
 MOVE_THREADS = 16  # the driver's threads for moving single-part units into place (S3 copies wait on I/O)
 
 
@@ -90,9 +99,10 @@ class Summary:
     bound: str = ""  # the stage that limits the run
     hint: str = ""  # what to change about it
     notes: list[str] = field(default_factory=list)
-    # Where the start went, in seconds: `plan` and `ray` (starting or connecting) are durations;
-    # `first_part` and `first_row` are from the start of the run until the first part was written and
-    # the first rows were committed (the model actors' start and the first batch through every stage).
+    # Where the start went, in seconds: `imports` (jobs/embed.py), `plan`, `ray` (starting or connecting)
+    # and `model_start` (a model actor's own start: torch's import, the weights, the device; the mean over
+    # actors) are durations; `first_part` and `first_row` are from the start of the run until the first
+    # part was written and the first rows were committed.
     startup: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -108,9 +118,13 @@ class Summary:
     ) -> Summary:
         """The summary of a run that committed `stats` (none: it had nothing to do)."""
         stats = stats or CommitStats()
+        stage_seconds = dict(stats.seconds)
+        startup = dict(startup or {})
+        if actors and "model_start" in stage_seconds:  # each actor's own start, on average
+            startup["model_start"] = stage_seconds.pop("model_start") / actors.size
         error_rate = stats.errors / stats.rows if stats.rows else 0.0
         on_actors = config.decode == "gpu"  # decode time was spent in the model actors
-        bound = bottleneck(stats.seconds, actors.task_slots, actors.size, on_actors) if actors else ""
+        bound = bottleneck(stage_seconds, actors.task_slots, actors.size, on_actors) if actors else ""
         first = actors.note if actors else "Nothing new to process."
         return cls(
             processed=stats.rows,
@@ -125,11 +139,11 @@ class Summary:
             skipped_shards=job.skipped_shards,
             retried=stats.retried,
             actors=actors.description if actors else "",
-            stage_seconds={k: round(v, 3) for k, v in stats.seconds.items()},
+            stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
             bound=bound,
             hint=bound_hint(bound, "num_gpus" in actors.remote_args, on_actors) if actors else "",
             notes=[n for n in (first, *job.notes) if n],
-            startup={k: round(v, 3) for k, v in (startup or {}).items()},
+            startup={k: round(v, 3) for k, v in startup.items()},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -149,11 +163,11 @@ class Summary:
             lines.append(f"Seconds per stage, all workers together: {spent}. {self.hint}".rstrip())
         if "first_row" in self.startup:
             s = self.startup
-            before = ", ".join(f"{k} {s[k]:.1f} s" for k in ("imports", "ray", "plan") if k in s)
+            names = {"imports": "imports", "plan": "plan", "ray": "Ray", "model_start": "model actor start"}
+            before = ", ".join(f"{name} {s[k]:.1f} s" for k, name in names.items() if k in s)
             lines.append(
                 f"Start: {before}; the first rows were committed {s['first_row']:.1f} s into the run (the "
-                f"first part written at {s.get('first_part', 0):.1f} s: model actors started, a first "
-                "batch through every stage)."
+                f"first part written at {s.get('first_part', 0):.1f} s)."
             )
         lines += self.notes
         return "\n".join(lines)
@@ -415,7 +429,10 @@ def _run(
     if not job.shards and not job.retry and not job.partitions:
         return Summary.of(config, run_id, job, time.perf_counter() - start)
     began = time.perf_counter()
-    ensure_ray(num_cpus)
+    if ensure_ray(num_cpus):  # a local Ray: its worker processes import the stages while the driver goes on
+        import ray
+
+        warm_workers(min(WARM_WORKERS, int(ray.cluster_resources().get("CPU", 1))))
     startup["ray"] = time.perf_counter() - began
 
     actors = actor_stage(config, job)

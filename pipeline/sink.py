@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 METADATA_PREFIX = "vit_embed."
 STAGING_DIR = "_staging"
-STAGES = ("read", "decode", "embed")  # stages whose per-row seconds arrive as `<stage>_s` columns
+# Stages whose per-row seconds arrive as `<stage>_s` columns; `model_start` is the model actors' start
+# (pipeline/embed.py), which the run reports with its start rather than as a stage.
+STAGES = ("read", "decode", "embed", "model_start")
 # The output table's columns, as OutputSpec.schema() writes them; recorded in every footer. Raise it with
 # any change of a column's name, type or meaning (README "Output" documents each version's columns).
 SCHEMA_VERSION = "2"

@@ -91,8 +91,11 @@ def test_local_files_to_local_output(tmp_path: Path, ray_local: None):
     assert errors["broken.jpg"].startswith("decode: ")
     assert summary.processed == 11 and summary.errors == 1 and summary.skipped == 0
     start = summary.startup  # where the start went
-    assert set(start) == {"plan", "ray", "first_part", "first_row"}
+    assert set(start) == {"plan", "ray", "model_start", "first_part", "first_row"}
     assert start["plan"] + start["ray"] <= start["first_part"] <= start["first_row"] <= summary.seconds
+    # The model actor's own start (torch, the weights) is measured in the actor, before its first batch.
+    assert 0 < start["model_start"] < start["first_part"]
+    assert "model actor start" in summary.describe()
     assert f"committed {start['first_row']:.1f} s into the run" in summary.describe()
     meta = footer_metadata(pq.ParquetFile(next(out.glob("*.parquet"))))
     assert meta["model"] == "vit_ti_16" and meta["weights_sha256"] == "random"
