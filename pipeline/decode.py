@@ -277,6 +277,16 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
+def _shard_format(data: bytes | memoryview) -> str | None:
+    """What kind of shard these bytes are, when they are one: a file a streamed input of loose images
+    found after its kind was decided reaches the decode stage as an image."""
+    if len(data) >= 262 and bytes(data[257:262]) == b"ustar":
+        return "tar archive (a webdataset shard?)"
+    if bytes(data[:4]) == b"PAR1":
+        return "Parquet file"
+    return None
+
+
 def _open_rgb(data: bytes | memoryview, head: bytes, max_pixels: int) -> Image.Image:
     """Pillow decode → oriented RGB image, with every mode converted as the module docstring says."""
     fmt = _sniff(head)
@@ -299,6 +309,11 @@ def _open_rgb(data: bytes | memoryview, head: bytes, max_pixels: int) -> Image.I
             "(max_pixels and PIL.Image.MAX_IMAGE_PIXELS; a decompression-bomb guard)"
         ) from None
     except UnidentifiedImageError:
+        if shard := _shard_format(data):
+            raise DecodeError(
+                f"cannot decode image: this is a {shard}, not an image; an input is either loose images or "
+                "shards of one kind (pass --format to say which to read)"
+            ) from None
         if fmt is None:
             raise DecodeError(
                 f"cannot decode image: not a recognised image format (first bytes {head!r})"

@@ -286,13 +286,23 @@ def streamed_partitions(config: JobConfig) -> tuple[list[Partition], list[Entry]
             first, small = walker.first(limit)
             sample = first[: len(sample)] or sample
             listed = first if small else None
-    except Exception:  # not a directory, missing, denied: list_shards words the error
+    except Exception as e:  # not a directory, missing, denied: list_shards words the error
+        if not _listing_error(e):
+            raise  # a bug in exploring, not a fact about the input: never hidden behind a slower path
         return [], None
     if small:
         return [], listed
     if config.format == "auto" and any(classify(rel) != "file" for _, rel, _ in sample):
         return [], None  # tar or Parquet shards, or a mix that list_shards refuses
     return found.partitions, None
+
+
+def _listing_error(e: Exception) -> bool:
+    """True for what listing an input raises when the input is not there or cannot be read (the file
+    system's, S3's and URI errors)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(e, (OSError, ValueError, BotoCoreError, ClientError))
 
 
 def stat_shards(input_uri: str, rels: list[str]) -> dict[str, Shard]:

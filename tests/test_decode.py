@@ -430,6 +430,26 @@ def test_bad_bytes_raise_readable_decode_error(data: bytes, words: str) -> None:
     assert isinstance(e.value, ValueError)
 
 
+def test_a_shard_read_as_an_image_says_it_is_a_shard() -> None:
+    """A .tar or .parquet file found among a streamed input's loose images reaches the decode stage."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        jpg = encode(photo_like(32, 32), "JPEG")
+        info = tarfile.TarInfo("000.jpg")
+        info.size = len(jpg)
+        t.addfile(info, io.BytesIO(jpg))
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"image": [b"x"]}), parquet)
+    for data, kind in [(tar.getvalue(), "tar archive"), (parquet.getvalue(), "Parquet file")]:
+        with pytest.raises(DecodeError, match=f"this is a {kind}.*pass --format"):
+            to_patches(data)
+
+
 def test_eps_is_not_handed_to_ghostscript() -> None:
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
     assert "EPS" not in decode._pil_formats() and "PNG" in decode._pil_formats()

@@ -205,3 +205,21 @@ def test_the_threshold_decides_between_the_driver_and_workers(tmp_path: Path, mo
     (src / "a.tar").write_bytes(b"")  # first in name order: --format auto sees it and the driver refuses
     with pytest.raises(Exception, match="mixes"):
         plan(_config(src, tmp_path / "out"))
+
+
+def test_an_input_that_cannot_be_explored_is_worded_by_the_listing_and_a_bug_is_not_hidden(
+    tmp_path: Path, monkeypatch
+):
+    from pipeline import plan as plan_module
+
+    with pytest.raises(Exception, match="nowhere"):  # missing: the driver's listing words it
+        plan(_config(tmp_path / "nowhere", tmp_path / "out"))
+    src = tmp_path / "in"
+    _images(src, _names(2, 2))
+
+    def broken(_walker):
+        raise TypeError("a bug in exploring")
+
+    monkeypatch.setattr(plan_module, "explore", broken)
+    with pytest.raises(TypeError, match="a bug in exploring"):
+        plan(_config(src, tmp_path / "out"))
