@@ -7,6 +7,9 @@ Per image size, in one process, single-threaded, on the same JPEGs (q90 by defau
 - exact: `to_patches(data, exact=True)` (Pillow's decode and resize: torchvision's pixels)
 - baseline: torchvision's path, `Image.open(...).convert("RGB")` → `Resize(256, bilinear, antialias=True)`
   → `CenterCrop(224)` → uint8 array
+- scaled decode: the fast path's own libjpeg-turbo decode (`pipeline.decode.scaled_decode`: the DCT scale
+  and IDCT it picks, header parse included), nothing after it: what fast mode would cost if resampling and
+  patchifying were free, so the most it can reach
 - full decode: libjpeg-turbo (simplejpeg) decode to RGB at full size, nothing else
 - floor: libjpeg-turbo at its smallest DCT scale, 1/8 (IDCT of the DC coefficient only): the entropy
   (Huffman) decode that no CPU decode of the JPEG avoids
@@ -48,7 +51,8 @@ import simplejpeg
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.decode import to_patches
+from pipeline.decode import scaled_decode, to_patches
+from pipeline.jpeg import jpeg_header
 from pipeline.sample import encode, photo_array, photographs
 from vit.preprocess import crop_offsets, resized_size
 
@@ -82,6 +86,7 @@ def methods() -> dict[str, Callable[[bytes], object]]:
         "fast": to_patches,
         "exact": lambda d: to_patches(d, exact=True),
         "baseline": make_baseline(),
+        "scaled decode": lambda d: scaled_decode(d, jpeg_header(d), 256),  # type: ignore[arg-type]
         "full decode": lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB"),
         # min_width/min_height of 1: the smallest scale libjpeg-turbo offers, 1/8
         "floor": lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB", min_width=1, min_height=1),
@@ -154,6 +159,8 @@ def result(label: str, w: int, h: int, images: list[bytes], repeats: int, min_ti
         **{f"{k.replace(' ', '_')}_img_s": round(v, 1) for k, v in ips.items()},
         "fast_vs_baseline": round(ratio(times, "fast", "baseline"), 2),
         "fast_pct_of_floor": round(100 * fast_of_floor, 1),
+        "scaled_decode_pct_of_floor": round(100 / ratio(times, "floor", "scaled decode"), 1),
+        "fast_pct_of_scaled_decode": round(100 / ratio(times, "scaled decode", "fast"), 1),
         "floor_target_met": fast_of_floor >= FLOOR_TARGET,
         "exact_vs_baseline": round(ratio(times, "exact", "baseline"), 2),
         **fidelity(images),
@@ -252,8 +259,8 @@ def main() -> None:
         f"decode + resize + crop to 224, JPEG q{args.quality}, 1 thread, CPU time, images/s per core "
         f"(best of {args.repeats})"
     )
-    head = ("size", "images", "n", "KB", "fast", "exact", "baseline", "full dec", "floor")
-    row = "{:>9} {:>21} {:>2} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7}"
+    head = ("size", "images", "n", "KB", "fast", "exact", "baseline", "scaled dec", "full dec", "floor")
+    row = "{:>9} {:>21} {:>2} {:>6} {:>7} {:>7} {:>8} {:>10} {:>8} {:>7}"
     print(row.format(*head))
     for r in results:
         print(
@@ -265,13 +272,25 @@ def main() -> None:
                 r["fast_img_s"],
                 r["exact_img_s"],
                 r["baseline_img_s"],
+                r["scaled_decode_img_s"],
                 r["full_decode_img_s"],
                 r["floor_img_s"],
             )
         )
     print()
-    head2 = ("size", "images", "fast/base", "fast % floor", "exact/base", "PSNR min", "median", "exact==base")
-    row = "{:>9} {:>21} {:>9} {:>19} {:>10} {:>8} {:>6} {:>11}"
+    head2 = (
+        "size",
+        "images",
+        "fast/base",
+        "fast % floor",
+        "scaled dec % floor",
+        "fast % scaled dec",
+        "exact/base",
+        "PSNR min",
+        "median",
+        "exact==base",
+    )
+    row = "{:>9} {:>21} {:>9} {:>19} {:>18} {:>17} {:>10} {:>8} {:>6} {:>11}"
     print(row.format(*head2))
     for r in results:
         met = "met" if r["floor_target_met"] else "not met"
@@ -281,13 +300,18 @@ def main() -> None:
                 r["images"],
                 f"{r['fast_vs_baseline']}×",
                 f"{r['fast_pct_of_floor']} % ({met})",
+                f"{r['scaled_decode_pct_of_floor']} %",
+                f"{r['fast_pct_of_scaled_decode']} %",
                 f"{r['exact_vs_baseline']}×",
                 r["psnr_db_min"],
                 r["psnr_db_median"],
                 f"{100 * r['exact_equal']:.0f} %",
             )
         )
-    print(f"target: fast ≥ {100 * FLOOR_TARGET:.0f} % of the floor; PSNR is fast against the baseline, in dB")
+    print(
+        f"target: fast ≥ {100 * FLOOR_TARGET:.0f} % of the floor; 'scaled dec % floor' is the most any path "
+        "through that decode can reach; PSNR is fast against the baseline, in dB"
+    )
 
 
 if __name__ == "__main__":

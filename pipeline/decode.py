@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.jpeg import (
     EXIF_ORIENTATION,
     MAX_JPEG_SCANS,
+    JpegHeader,
     decode_scaled,
     is_jpeg,
     jpeg_header,
@@ -51,6 +52,7 @@ __all__ = [
     "DecodePatches",
     "as_bytes",
     "check_sizes",
+    "scaled_decode",
     "to_patches",
     "to_patches_sized",
 ]
@@ -239,8 +241,7 @@ def _decode_resize_crop(
                     "(a decode-time bomb)"
                 )
             if hdr.common and not exact:
-                fast = min(w, h) >= _FAST_DECODE_FROM * resize_size
-                arr, k = decode_scaled(data, w, h, _DCT_MIN_SIDE * resize_size, fast)
+                arr, k = scaled_decode(data, hdr, resize_size)
                 if arr is not None:
                     if orientation >= 5:
                         w, h = h, w
@@ -251,6 +252,16 @@ def _decode_resize_crop(
                     return img, (w, h)
     rgb = _open_rgb(data, head, max_pixels)
     return _resize_crop_pil(rgb, image_size, resize_size, whole=exact), rgb.size
+
+
+def scaled_decode(
+    data: bytes | memoryview, hdr: JpegHeader, resize_size: int
+) -> tuple[np.ndarray | None, int]:
+    """The fast path's decode of a common JPEG (`hdr.common`): libjpeg-turbo at the smallest 1/2ᵏ DCT scale
+    that keeps the shorter side ≥ _DCT_MIN_SIDE × `resize_size`, with its faster IDCT and upsampling when
+    the image shrinks ≥ _FAST_DECODE_FROM×; `decode_scaled`'s (array, k), before orientation."""
+    fast = min(hdr.width, hdr.height) >= _FAST_DECODE_FROM * resize_size
+    return decode_scaled(data, hdr.width, hdr.height, _DCT_MIN_SIDE * resize_size, fast)
 
 
 def _check_pixels(w: int, h: int, max_pixels: int) -> None:
