@@ -1,7 +1,8 @@
 """`--decode gpu`: batched JPEG decode + resize + crop + patchify on the model's device with
 `pipeline.gpu_decode.GpuDecoder`, against the CPU path (`pipeline.decode.to_patches`) in the same process.
 
-For each size: `--distinct` photo-like JPEGs (quality 90) tiled to `--images`, decoded in batches of
+For each size: up to `--distinct` real photographs (`pipeline.sample.photographs`, JPEG quality 90; six
+at each default size) tiled to `--images`, decoded in batches of
 `--batch-size` on `--device` (cuda when available); images/s over `--rounds` rounds (median, with
 `torch.cuda.synchronize` around each round), the CPU path's single-thread images/s on the same images, and
 the PSNR of the device output against the CPU path's (worst image; the CPU path is itself ≥ 30 dB from
@@ -25,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from decode import jpeg, psnr  # benchmarks/decode.py, beside this script
+from decode import psnr  # benchmarks/decode.py, beside this script
 
 from pipeline.decode import to_patches
 from pipeline.gpu_decode import GpuDecoder
-from pipeline.sample import photo_array
+from pipeline.sample import photographs
 
 
 def sync(device: str) -> None:
@@ -39,7 +40,7 @@ def sync(device: str) -> None:
 
 def measure(size: tuple[int, int], args: argparse.Namespace) -> dict:
     w, h = size
-    distinct = [jpeg(photo_array(w, h, seed=i)) for i in range(args.distinct)]
+    distinct = list(photographs(((w, h),)).values())[: args.distinct]
     images = [distinct[i % len(distinct)] for i in range(args.images)]
     decoder = GpuDecoder(args.image_size, args.patch_size, device=args.device)
     decoder(images[: args.batch_size])  # warm-up: CUDA context, nvJPEG handles, kernels
