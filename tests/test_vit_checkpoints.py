@@ -315,3 +315,17 @@ def test_load_from_s3(s3_bucket: str, tmp_path: pathlib.Path, ti_state: dict) ->
     assert torch.equal(outputs(loaded.model)[1], outputs(local.model)[1])
     with pytest.raises(CheckpointError, match=r"not found"):
         load_model("vit_ti_16", f"s3://{s3_bucket}/models/missing.safetensors")
+
+
+def test_seeded_random_weights_are_the_same_when_built_in_threads_at_once() -> None:
+    """Seeded random weights draw from torch's global generator: builds in parallel threads (the job
+    loads the weights in a thread while it lists the input; Daft builds a UDF's model in several) must each
+    get their seed's weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = load_model("vit_ti_16", "random", seed=0).model.state_dict()
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda s: load_model("vit_ti_16", "random", seed=s % 2).model, range(4)))
+    for i, model in enumerate(built):
+        same = all(torch.equal(v, alone[k]) for k, v in model.state_dict().items())
+        assert same == (i % 2 == 0), f"build {i} (seed {i % 2})"

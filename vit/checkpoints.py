@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -63,6 +64,9 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")  # training
 
 
 Resolver = Callable[[str], tuple[Any, str]]  # location → (pyarrow filesystem, path in it)
+
+
+_SEEDED_BUILD = threading.Lock()  # one seeded random-weights build at a time in a process (load_model)
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -282,7 +286,9 @@ def load_model(
             else dataclasses.replace(PRESETS[preset], image_size=image_size)
         )
         mean_, std_ = _triple(mean, IMAGENET_MEAN), _triple(std, IMAGENET_STD)
-        with torch.random.fork_rng(devices=[]):
+        # torch's initializers draw from its one global generator: two threads building seeded models at
+        # once would interleave their draws, and each get weights of neither seed.
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = VisionTransformer(config, mean_, std_).eval()
         given = class_names if class_names and class_names != NO_CLASS_NAMES else None
