@@ -104,6 +104,7 @@ class ActorStage:
     description: str
     batch_size: int  # images per model call
     note: str = ""  # one sentence when fewer actors run than were asked for (they did not fit)
+    cpu_threads: int = 1  # torch's threads in a CPU model actor
 
 
 def actor_stage(config: JobConfig, plan: _Sized) -> ActorStage:
@@ -183,8 +184,17 @@ def actor_stage(config: JobConfig, plan: _Sized) -> ActorStage:
             f"left for reading and decoding (each actor takes {each})."
         )
     kind = "GPU actor(s)" if need["GPU"] else f"CPU actor(s) x {need['CPU']:g} CPUs"
+    threads = max(1, int(need["CPU"]))
+    if not need["GPU"] and config.actor_cpus is None:
+        # A ViT on CPUs costs 10-200x what decoding its images does, so the read+decode tasks leave most of
+        # the CPUs beside the actor idle: torch runs on its share of the whole node (oversubscribed while
+        # decode tasks run, which the OS shares out). An explicit --actor-cpus is kept to.
+        sharing = max(1, math.ceil(size / len(node_cpus)))  # actors on one node
+        threads = max(threads, int(min(node_cpus) // sharing))
+        kind += f" (torch on {threads} threads)"
     description = f"{size} {kind}, {batch} images per call"
-    return ActorStage(args, size, max(1.0, cpus - size * args["num_cpus"]), description, batch, note)
+    slots = max(1.0, cpus - size * args["num_cpus"])
+    return ActorStage(args, size, slots, description, batch, note, threads)
 
 
 def write_batch_rows(actors: ActorStage, gmacs: float, interval_s: float) -> int:

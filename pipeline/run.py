@@ -248,7 +248,7 @@ def build_dataset(
             "logits_dtype": config.logits_dtype,
             # GPU actors take "auto": a node that declares a GPU without having one still runs (on CPU).
             "device": "auto" if "num_gpus" in actors.remote_args else "cpu",
-            "cpu_threads": int(actors.remote_args["num_cpus"]),
+            "cpu_threads": actors.cpu_threads,
             "compile": config.compile,
             "decode": decode_kwargs if on_device else None,
             "exact": config.preprocess == "exact",

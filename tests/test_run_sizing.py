@@ -91,6 +91,32 @@ def test_model_batch_size_defaults_by_actor_kind(monkeypatch, gpus: int, batch_s
     assert stage.size == (gpus or 1) and ("num_gpus" in stage.remote_args) == bool(gpus)
 
 
+@pytest.mark.parametrize(
+    "node_cpus, nodes, actor_cpus, num_actors, reserved, threads",
+    [
+        (2, 1, None, None, 1, 2),  # a 2-CPU machine: half reserved, torch on both
+        (16, 1, None, None, 8, 16),
+        (16, 2, None, 3, 8, 8),  # three actors on two nodes: two share one node
+        (16, 4, None, 4, 8, 16),  # one actor per node
+        (8, 1, 3.0, None, 3, 3),  # an explicit --actor-cpus is kept to
+    ],
+)
+def test_cpu_actors_run_torch_on_their_share_of_the_node(
+    monkeypatch, node_cpus: int, nodes: int, actor_cpus, num_actors, reserved: int, threads: int
+):
+    """A ViT on CPUs costs far more than decoding its images: the actor reserves half a node (decode tasks
+    get the rest), and torch uses the CPUs the decode tasks leave idle, unless --actor-cpus says."""
+    import ray
+
+    node = {"CPU": float(node_cpus), "memory": 64.0 * 2**30}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(node_cpus * nodes)})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(node)}] * nodes)
+    config = JobConfig(input="in", output="out", actor_cpus=actor_cpus, num_actors=num_actors)
+    stage = actor_stage(config, SimpleNamespace(num_params=1000))  # type: ignore[arg-type]
+    assert stage.remote_args["num_cpus"] == reserved and stage.cpu_threads == threads
+    assert stage.size == (num_actors or 1)
+
+
 def test_write_batches_hold_a_commit_interval_of_rows():
     from pipeline.cluster import MAX_WRITE_ROWS, ActorStage, write_batch_rows
     from vit.model import PRESETS
