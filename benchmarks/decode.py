@@ -21,7 +21,9 @@ per image (`time.process_time`, all threads of the process); each round times ev
 rotated per round) over enough passes to last `--min-time`. Images/s per core: the best round; ratios: the
 median over rounds of each round's ratio (a round's methods run back to back, so a drift in the machine's
 speed cancels out). Fidelity: PSNR of fast against the baseline's pixels (min and median over the photos),
-and the share of photos where exact equals the baseline bit for bit.
+and the share of photos where exact equals the baseline bit for bit. Embeddings (unless `--no-cosine` or
+`--quick`): the CLS cosine of fast mode through `vit_b_16` (seeded random weights) against the baseline's
+pixels through torchvision's own `vit_b_16`, over the photographs and every photo whole (`embedding_cosines`).
 
     python benchmarks/decode.py                  # 500×375 and 1024×768, about a minute
     python benchmarks/decode.py --quick          # fewer, shorter repeats
@@ -57,6 +59,7 @@ from pipeline.sample import encode, photo_array, photographs
 from vit.preprocess import crop_offsets, resized_size
 
 FLOOR_TARGET = 0.85  # fast path's target speed, as a share of the entropy-decode floor
+COSINE_TARGET = 0.998  # fast mode's worst embedding cosine against torchvision's preprocessing
 
 
 def make_baseline(image_size: int = 224, resize_size: int = 256) -> Callable[[bytes], np.ndarray]:
@@ -147,6 +150,56 @@ def fidelity(images: list[bytes]) -> dict[str, float]:
     }
 
 
+def embedding_cosines(images: dict[str, bytes]) -> list[tuple[float, str, str]]:
+    """Fast mode through a ViT against torchvision's pixels through the same ViT: (cosine of the CLS
+    embeddings, name, size) per image, worst first. The model is torchvision's `vit_b_16` with seeded random
+    weights (its head re-initialized), loaded into `vit/`; the reference is torchvision's transforms on
+    Pillow's decode (the baseline above) fed to torchvision's own model."""
+    import tempfile
+
+    import torch
+    import torchvision.models as tvm
+    import torchvision.transforms as T
+
+    from vit.checkpoints import load_model
+
+    torch.manual_seed(0)
+    tv = tvm.vit_b_16().eval()
+    torch.manual_seed(1)
+    torch.nn.init.normal_(tv.heads.head.weight, std=0.05)
+    torch.nn.init.normal_(tv.heads.head.bias, std=0.05)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(tv.state_dict(), f"{tmp}/vit_b_16.pth")
+        ours = load_model("vit_b_16", f"{tmp}/vit_b_16.pth").model.eval()
+    normalize = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    baseline = make_baseline()
+    captured: dict[str, torch.Tensor] = {}
+    tv.heads.register_forward_hook(lambda _m, inputs, _o: captured.update(cls=inputs[0]))
+    out = []
+    for name, data in images.items():
+        with torch.inference_mode():
+            tv(normalize(Image.fromarray(baseline(data)))[None])
+            cls, _ = ours.forward_patches(torch.from_numpy(to_patches(data)[None]))
+        cos = float(torch.nn.functional.cosine_similarity(cls, captured["cls"], dim=1)[0])
+        w, h = Image.open(io.BytesIO(data)).size
+        out.append((cos, name, f"{w}x{h}"))
+    return sorted(out)
+
+
+def cosine_images(sizes: list[tuple[int, int]], quality: int) -> dict[str, bytes]:
+    """The benchmark's photographs at `sizes`, and every photo whole (the 512-px ones land on the DCT
+    scale's boundary: a 1/2-scale decode gives exactly 256)."""
+    from skimage import data as skdata
+
+    from pipeline.sample import PHOTOGRAPHS
+
+    whole = {
+        f"{name}.jpg": encode(Image.fromarray(np.asarray(getattr(skdata, name)())[..., :3]), quality=quality)
+        for name in PHOTOGRAPHS
+    }
+    return {**photographs(tuple(sizes), quality), **whole}
+
+
 def result(label: str, w: int, h: int, images: list[bytes], repeats: int, min_time: float) -> dict:
     times = measure(images, repeats, min_time)
     ips = {k: 1 / min(v) for k, v in times.items()}
@@ -235,7 +288,12 @@ def main() -> None:
         default=6,
         help="generated photo-like images per size, 0: none (default: %(default)s)",
     )
-    ap.add_argument("--quick", action="store_true", help="3 rounds of 0.1 s: a rough figure in ~20 s")
+    ap.add_argument(
+        "--no-cosine", action="store_true", help="skip the embedding cosines against torchvision (~30 s)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="3 rounds of 0.1 s, no cosines: a rough figure in ~20 s"
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object per line instead of a table")
     args = ap.parse_args()
     if args.quick:
@@ -245,11 +303,18 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
     info = machine()
     results = run(sizes, args.repeats, args.min_time, args.quality, args.generated)  # type: ignore[arg-type]
+    cosines = [] if args.quick or args.no_cosine else embedding_cosines(cosine_images(sizes, args.quality))  # type: ignore[arg-type]
     info["uptime_after"] = machine()["uptime"]
     if args.json:
         print(json.dumps(info))
         for r in results:
             print(json.dumps(r))
+        if cosines:
+            print(
+                json.dumps(
+                    {"cosines": [{"cosine": round(c, 6), "image": n, "size": s} for c, n, s in cosines]}
+                )
+            )
         return
     print(f"{info['date']}; {info['machine']}")
     print(f"{info['python']}")
@@ -312,6 +377,17 @@ def main() -> None:
         f"target: fast ≥ {100 * FLOOR_TARGET:.0f} % of the floor; 'scaled dec % floor' is the most any path "
         "through that decode can reach; PSNR is fast against the baseline, in dB"
     )
+    if cosines:
+        values = [c for c, _, _ in cosines]
+        met = "met" if values[0] >= COSINE_TARGET else "not met"
+        print()
+        print(
+            f"fast mode through vit_b_16 (seeded random weights) against torchvision's pixels through it, "
+            f"{len(values)} photographs: CLS cosine worst {values[0]:.5f} (target ≥ {COSINE_TARGET}: {met}), "
+            f"median {statistics.median(values):.5f}; the worst:"
+        )
+        for c, n, size in cosines[:5]:
+            print(f"  {c:.5f}  {n} ({size})")
 
 
 if __name__ == "__main__":
