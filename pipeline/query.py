@@ -50,7 +50,7 @@ from pipeline.vector_index import (
     MANIFEST,
     DataFile,
     VectorIndex,
-    list_data_files,
+    require_data_files,
     stale_files,
 )
 
@@ -110,13 +110,7 @@ class Output:
         except InputError as e:
             raise QueryError(str(e)) from e
         try:
-            files = list_data_files(fs, root)
-            if not files:
-                if not storage.is_s3(uri) and fs.get_file_info(root).type == pafs.FileType.NotFound:
-                    raise QueryError(f"There is no output at {uri}: pass the --output of an embedding job.")
-                raise QueryError(
-                    f"{uri} holds no data files (part-*.parquet): run jobs/embed.py with this --output first."
-                )
+            files = require_data_files(fs, root, uri, QueryError)
             newest = max(files)  # part-<run_id>-u…: run ids start with the run's start time
             with fs.open_input_file(f"{root}/{newest}") as f:
                 schema = pq.ParquetFile(f).schema_arrow

@@ -117,6 +117,21 @@ def list_data_files(fs: pafs.FileSystem, root: str) -> dict[str, DataFile]:
     return files
 
 
+def require_data_files(
+    fs: pafs.FileSystem, root: str, uri: str, error: type[ValueError]
+) -> dict[str, DataFile]:
+    """`list_data_files`, or `error` with a sentence saying that there is no output at `uri` or that it
+    holds no data file yet."""
+    files = list_data_files(fs, root)
+    if not files:
+        if not storage.is_s3(uri) and fs.get_file_info(root).type == pafs.FileType.NotFound:
+            raise error(f"There is no output at {uri}: pass the --output of an embedding job.")
+        raise error(
+            f"{uri} holds no data files (part-*.parquet): run jobs/embed.py with this --output first."
+        )
+    return files
+
+
 def _describe_model(model: dict[str, Any]) -> str:
     sha = str(model.get("weights_sha256") or "?")
     seed = f", seed {model['seed']}" if model.get("seed") else ""
@@ -492,13 +507,7 @@ def build_index(output: str, *, kind: str = "auto", rebuild: bool = False) -> di
     if kind not in KINDS:
         raise VectorIndexError(f"Unknown index kind {kind!r}: choose one of {', '.join(KINDS)}.")
     fs, root = resolve_uri(output)
-    current = list_data_files(fs, root)
-    if not current:
-        if not storage.is_s3(output) and fs.get_file_info(root).type == pafs.FileType.NotFound:
-            raise VectorIndexError(f"There is no output at {output}: pass the --output of an embedding job.")
-        raise VectorIndexError(
-            f"{output} holds no data files (part-*.parquet): run jobs/embed.py with this --output first."
-        )
+    current = require_data_files(fs, root, output, VectorIndexError)
     existing = _read_manifest(fs, root)
     manifest = None if rebuild else existing
     requested = kind
