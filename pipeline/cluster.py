@@ -37,9 +37,8 @@ def _worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connects to RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray; True when it
-    started a local Ray.
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connects to RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray.
 
     `ray.init` replaces the driver's SIGTERM handler (with one that calls sys.exit); handlers the caller
     installed itself (jobs/embed.py's, which stop the run with status 3) are put back afterwards.
@@ -50,48 +49,23 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     import ray
 
     if ray.is_initialized():
-        return False
+        return
     own = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if own else {}
     try:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(runtime_env={"env_vars": _worker_env()}, log_to_driver=True)
-            return False
-        # Workers inherit this environment.
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
-        )
-        return True
+        else:  # workers inherit this environment
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
+            )
     finally:
         for signum, handler in handlers.items():
             if callable(handler) and handler is not signal.default_int_handler:
                 signal.signal(signum, handler)
-
-
-def _import_stages() -> None:
-    """Imports what a read+decode or write task runs (Ray Data, the run's stage functions, Pillow's
-    plugins) in the worker process it runs in."""
-    import ray.data  # noqa: F401
-
-    import pipeline.run  # noqa: F401
-    from pipeline.decode import _pil_formats
-
-    _pil_formats()
-
-
-def warm_workers(count: int) -> None:
-    """Starts `count` worker processes of a just-started local Ray and has them import the stages, without
-    waiting: the imports (seconds per process) then overlap the driver's own start, instead of delaying
-    the first read+decode task. Ray Data's tasks and the model actor reuse these idle workers (a local
-    Ray keeps them for IDLE_WORKER_KEEP_MS). The tasks take no CPU, so they hold back no scheduling."""
-    import ray
-
-    task = ray.remote(num_cpus=0, max_retries=0)(_import_stages)
-    for _ in range(count):
-        task.remote()  # the result is never needed; the task runs to its end either way
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from pipeline.cluster import (
     actor_stage,
     ensure_ray,
     send_report,
-    warm_workers,
     write_batch_rows,
 )
 from pipeline.commit import CommitStats, Committer
@@ -49,7 +48,6 @@ TICK_S = 0.5  # the commit loop looks at the clock at least this often, whether 
 # tasks would let embedded rows pile up in the object store instead of committing while the run goes on.
 # Ray Data's backpressure still bounds how many run at once.
 WRITE_CPUS = 0
-WARM_WORKERS = 16  # at most this many worker processes of a local Ray import the stages at its start
 MOVE_THREADS = 16  # the driver's threads for moving single-part units into place (S3 copies wait on I/O)
 
 
@@ -429,10 +427,7 @@ def _run(
     if not job.shards and not job.retry and not job.partitions:
         return Summary.of(config, run_id, job, time.perf_counter() - start)
     began = time.perf_counter()
-    if ensure_ray(num_cpus):  # a local Ray: its worker processes import the stages while the driver goes on
-        import ray
-
-        warm_workers(min(WARM_WORKERS, int(ray.cluster_resources().get("CPU", 1))))
+    ensure_ray(num_cpus)
     startup["ray"] = time.perf_counter() - began
 
     actors = actor_stage(config, job)
