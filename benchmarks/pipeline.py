@@ -68,6 +68,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from baselines import descendants  # benchmarks/baselines.py, beside this script
+
 from pipeline.cluster import IDLE_WORKER_KEEP_MS
 from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
@@ -377,28 +379,9 @@ def efficiency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 # Memory
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
 def tree(root: int) -> list[int]:
-    kids, out, todo = _children(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
+    """`root` and every process under it."""
+    return [root, *descendants(root)]
 
 
 def memory_kb(pid: int) -> tuple[int, int]:
