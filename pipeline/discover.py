@@ -8,26 +8,42 @@ which go on to the read+decode stage as soon as they are formed. The driver hold
 partitions and one report per partition (`PartitionReport`, how many units it made and what it skipped),
 which the commit loop checks against the units it committed.
 
+A manifest (`--input-list`) naming more than STREAM_ABOVE objects is not read on the driver either. Before
+the pipeline starts, workers read its data files (`ManifestBuckets`, one task per file), Ray Data's hash
+shuffle gathers each key's rows in one of `LargeManifest.buckets` buckets (by a hash of the key), and
+`sort_bucket` writes each bucket as a Parquet file of its keys, sorted and each once, under the run's
+staging directory. Each such file (`SortedKeys`) is then a partition of this stage, paged through like a
+listing: a key the manifest names twice, in one file or in two, is read once.
+
 A partition's units are numbered `unit_id(partition, 0..n-1)`: a task that Ray retries forms the same units
 again, and a later run forms units from what is still new.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.ledger_index import CommittedShards
 from pipeline.sources import Shard
-from pipeline.sources.walk import Partition, Walker
+from pipeline.sources.manifest import ManifestFile, manifest_pages
+from pipeline.sources.walk import PAGE, Entry, Partition, Walker
+from pipeline.storage import make_dirs, resolve_uri
 from pipeline.units import Unit
 
 STREAM_ABOVE = 100_000  # loose files: up to this many, the driver lists them and makes the units itself
 STREAM_ABOVE_ENV = "VIT_EMBED_STREAM_ABOVE"  # sets it (e.g. 0: always list in workers)
 PARTITION_BITS = 32  # a streamed unit's id: (partition + 1) << PARTITION_BITS | its number in the partition
+BUCKET_BYTES = 8 * 2**20  # a large manifest's bytes per bucket (about a million keys, compressed)
+MIN_BUCKETS, MAX_BUCKETS = 16, 4096
 
 
 def stream_above() -> int:
@@ -76,10 +92,14 @@ class DiscoverUnits:
             for unit in [item] if isinstance(item, Unit) else self.units(item):
                 yield {"unit": np.array([unit], dtype=object)}
 
-    def units(self, partition: Partition) -> Iterator[Unit]:
+    def units(self, partition: Partition | SortedKeys) -> Iterator[Unit]:
         pending: list[Shard] = []
         seq = shards = skipped = skipped_rows = 0
-        for page in self.walker.pages(partition):
+        if isinstance(partition, SortedKeys):
+            pages = partition.pages(self.walker)
+        else:
+            pages = self.walker.pages(partition)
+        for page in pages:
             done, rows = self.committed.done_in([rel for _, rel, _ in page])
             skipped += int(done.sum())
             skipped_rows += int(rows.sum())
@@ -94,3 +114,77 @@ class DiscoverUnits:
             yield Unit(unit_id(partition.id, seq), tuple(pending))
             seq, shards = seq + 1, shards + len(pending)
         self.report(PartitionReport(partition.id, seq, shards, skipped, skipped_rows))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Large manifests: read in workers, gathered into buckets of sorted keys
+
+
+@dataclass(frozen=True)
+class LargeManifest:
+    """A manifest too large for the driver: its data files, read by workers, and how many buckets its
+    keys are gathered into."""
+
+    files: tuple[ManifestFile, ...]
+    buckets: int
+
+    @classmethod
+    def of(cls, files: list[ManifestFile]) -> LargeManifest:
+        size = sum(f.size for f in files)
+        return cls(tuple(files), max(MIN_BUCKETS, min(MAX_BUCKETS, math.ceil(size / BUCKET_BYTES))))
+
+
+def bucket_of(rel: str, buckets: int) -> int:
+    return zlib.crc32(rel.encode()) % buckets
+
+
+class ManifestBuckets:
+    """A batch of `file` objects (ManifestFile) → tables of (bucket, rel, size), a page at a time; the
+    manifest's refusals (keys of another bucket, or outside the input) raise an InputError."""
+
+    def __init__(self, input_uri: str, list_uri: str, buckets: int) -> None:
+        self.input_uri, self.list_uri, self.buckets = input_uri, list_uri, buckets
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        for file in batch["file"]:
+            for page in manifest_pages(self.input_uri, self.list_uri, [file]):
+                yield pa.table(
+                    {
+                        "bucket": pa.array([bucket_of(rel, self.buckets) for _, rel, _ in page], pa.int32()),
+                        "rel": [rel for _, rel, _ in page],
+                        "size": pa.array([size for _, _, size in page], pa.int64()),
+                    }
+                )
+
+
+@dataclass(frozen=True)
+class SortedKeys:
+    """One bucket of a large manifest: a Parquet file of (rel, size), sorted by rel, each rel once; a
+    partition of the discover stage."""
+
+    id: int  # the bucket
+    uri: str  # the file
+    keys: int
+
+    def pages(self, walker: Walker, size: int = PAGE) -> Iterator[list[Entry]]:
+        fs, path = resolve_uri(self.uri)
+        file = pq.ParquetFile(path, filesystem=fs)
+        for batch in file.iter_batches(batch_size=size, columns=["rel", "size"]):
+            rels, sizes = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            yield [(walker.path(rel), rel, size) for rel, size in zip(rels, sizes, strict=True)]
+
+
+def sort_bucket(table: pa.Table, scratch: str) -> pa.Table:
+    """Ray Data's `map_groups` function: all rows of one bucket → its SortedKeys file under `scratch` (a
+    directory URI), written again identically when a task is retried; returns (bucket, uri, keys)."""
+    bucket = int(table["bucket"][0].as_py())
+    table = table.select(["rel", "size"]).sort_by([("rel", "ascending"), ("size", "descending")])
+    rels = table["rel"]
+    if table.num_rows > 1:  # sorted: a key named more than once is a run of equal rels; keep the first
+        repeat = pc.equal(rels.slice(1), rels.slice(0, table.num_rows - 1))
+        table = table.filter(pa.concat_arrays([pa.array([True]), pc.invert(repeat).combine_chunks()]))
+    uri = f"{scratch.rstrip('/')}/bucket-{bucket:05d}.parquet"
+    fs, path = resolve_uri(uri)
+    make_dirs(fs, path.rsplit("/", 1)[0])
+    pq.write_table(table, path, filesystem=fs, row_group_size=65_536)
+    return pa.table({"bucket": [bucket], "uri": [uri], "keys": [table.num_rows]})

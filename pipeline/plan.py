@@ -20,13 +20,14 @@ import pyarrow.parquet as pq
 
 from pipeline.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, ConfigError, JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, check_sizes
-from pipeline.discover import DiscoverUnits, PartitionReport, stream_above
+from pipeline.discover import DiscoverUnits, LargeManifest, PartitionReport, SortedKeys, stream_above
 from pipeline.embed import ModelSpec
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger
 from pipeline.sink import OutputSpec
 from pipeline.sources import Shard, check_parquet_columns, check_unique_keys, list_shards
 from pipeline.sources.listing import classify, make_shards
+from pipeline.sources.manifest import manifest_files, manifest_head, manifest_shards
 from pipeline.sources.parquet import kept_column_types
 from pipeline.sources.walk import Entry, Partition, Walker, explore
 from pipeline.sources.webdataset import SIDECARS
@@ -52,8 +53,15 @@ class Plan:
     identity: dict[str, str]  # recorded in the ledger and in every data file's footer
     ledger: Ledger  # the output's ledger as read when planning
     retry: list[Unit] = field(default_factory=list)  # --retry-errors; make_units numbers them
-    partitions: list[Partition] = field(default_factory=list)  # a streamed input's (pipeline/discover.py)
+    # A streamed input's listing partitions (pipeline/discover.py); a large manifest's buckets, once sorted.
+    partitions: list[Partition | SortedKeys] = field(default_factory=list)
+    manifest: LargeManifest | None = None  # a manifest too large for the driver, sorted by workers
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def streamed(self) -> bool:
+        """True when workers find the input's units (a large listing or manifest), not the driver."""
+        return bool(self.partitions) or self.manifest is not None
 
     @property
     def gmacs(self) -> float:
@@ -76,7 +84,14 @@ class Plan:
         ident = self.identity
         batch = self.config.batch_size or f"{GPU_BATCH_SIZE} (GPU actors) or {CPU_BATCH_SIZE} (CPU)"
         retry = f"; {sum(len(u.drop) for u in self.retry)} error rows to retry" if self.retry else ""
-        if self.partitions:
+        if self.manifest is not None:
+            n = len(self.manifest.files)
+            work = (
+                f"more than {stream_above():,} files named by --input-list; its {n} data "
+                f"file{'s' if n != 1 else ''} are read, sorted into {self.manifest.buckets} buckets and "
+                f"checked against the output by workers when the job runs{retry}"
+            )
+        elif self.partitions:
             reports: list[PartitionReport] = []
             discover = DiscoverUnits(
                 self.config.input, MAX_FILES_PER_UNIT, self.ledger.shards(), report=reports.append
@@ -86,12 +101,13 @@ class Plan:
                     pass
             todo, skipped = sum(r.shards for r in reports), sum(r.skipped_shards for r in reports)
             kinds = f"file; listed by workers in {len(self.partitions)} partitions"
+            work = f"{todo} shards to do: {kinds}; {skipped} already done{retry}"
         else:
-            todo, skipped = len(self.shards), self.skipped_shards
             kinds = ", ".join(sorted({s.kind for s in self.shards}) or ["(nothing new)"])
+            work = f"{len(self.shards)} shards to do: {kinds}; {self.skipped_shards} already done{retry}"
         return "\n".join(
             [
-                f"input:   {self.config.input} ({todo} shards to do: {kinds}; {skipped} already done{retry})",
+                f"input:   {self.config.input} ({work})",
                 f"output:  {self.config.output}",
                 f"model:   {ident['model']} weights={ident['weights']} sha256={ident['weights_sha256'][:16]}",
                 f"         embedding[{self.output.embedding_dim}] {self.output.embedding_dtype}, "
@@ -204,7 +220,7 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     with ThreadPoolExecutor(1, thread_name_prefix="load-weights") as pool:
         loading = pool.submit(spec.load)
         try:
-            partitions, shards = _list_input(config)
+            partitions, shards, manifest = _list_input(config)
             listing_error = None
         except Exception as e:
             listing_error = e
@@ -214,7 +230,7 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
     mc = loaded.model.config
     resize_size = check_sizes(mc.image_size, mc.patch_size, None)  # the decode stage's default
 
-    output = output_spec(config, loaded, shards, bool(partitions))
+    output = output_spec(config, loaded, shards, bool(partitions) or manifest is not None)
     ident = identity(config, loaded, resize_size, output)
     if lease is not None:
         lease.acquire()
@@ -239,29 +255,56 @@ def plan(config: JobConfig, lease: OutputLease | None = None) -> Plan:
         output=output,
         identity=ident,
         ledger=ledger,
-        partitions=partitions,
+        partitions=list(partitions),
+        manifest=manifest,
     )
     if config.retry_errors:
         done_shards = {s.rel: s for s in skipped}
-        find = (lambda rels: stat_shards(config.input, rels)) if partitions else (lambda rels: done_shards)
+
+        def find(rels: list[str]) -> dict[str, Shard]:  # never listed whole on the driver when streamed
+            return stat_shards(config.input, rels) if result.streamed else done_shards
+
         result.retry, result.notes = retry_units(ledger, find)
     return result
 
 
-def _list_input(config: JobConfig) -> tuple[list[Partition], list[Shard]]:
-    """The input's listing partitions when it is streamed, else its shards, listed on the driver; a
-    Parquet input's image and key columns are checked on one file's schema."""
-    partitions, listed = streamed_partitions(config)
-    if partitions:
-        shards = []
-    elif listed:  # the driver listed the whole input to see that it is small
-        shards = make_shards(config.input, listed, config.format)
+def _list_input(config: JobConfig) -> tuple[list[Partition], list[Shard], LargeManifest | None]:
+    """The input's listing partitions when it is streamed, a large manifest's files, or else its shards,
+    listed (or read from the manifest) on the driver; a Parquet input's image and key columns are checked
+    on one file's schema."""
+    if config.input_list is not None:
+        manifest, shards = manifest_input(config)
+        partitions: list[Partition] = []
     else:
-        shards = list_shards(config.input, config.format, config.input_list)
+        manifest = None
+        partitions, listed = streamed_partitions(config)
+        if partitions:
+            shards = []
+        elif listed:  # the driver listed the whole input to see that it is small
+            shards = make_shards(config.input, listed, config.format)
+        else:
+            shards = list_shards(config.input, config.format)
     parquet = [s for s in shards if s.kind == "parquet"]
     if parquet:
         check_parquet_columns(config.input, parquet[0], config.image_column, config.key_column)
-    return partitions, shards
+    return partitions, shards, manifest
+
+
+def manifest_input(config: JobConfig) -> tuple[LargeManifest | None, list[Shard]]:
+    """A manifest of up to `stream_above()` keys is read here, into shards. A larger one naming loose files
+    is left to workers (LargeManifest): the driver reads only its first keys, which are checked (refusals,
+    kinds) as the whole manifest would be. One of tar or Parquet shards is read here whatever its size."""
+    assert config.input_list is not None
+    files = manifest_files(config.input, config.input_list)
+    entries, complete = manifest_head(config.input, config.input_list, stream_above(), files)
+    loose = config.format == "files" or (
+        config.format == "auto" and all(classify(rel) == "file" for _, rel, _ in entries)
+    )
+    if not complete and loose:
+        return LargeManifest.of(files), []
+    if not complete:
+        entries, _ = manifest_head(config.input, config.input_list, None, files)
+    return None, manifest_shards(config.input, config.input_list, entries, config.format)
 
 
 def streamed_partitions(config: JobConfig) -> tuple[list[Partition], list[Entry] | None]:

@@ -30,18 +30,20 @@ from pipeline.cluster import (
 from pipeline.commit import CommitStats, Committer
 from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
-from pipeline.discover import STREAM_ABOVE, DiscoverUnits
+from pipeline.discover import STREAM_ABOVE, DiscoverUnits, ManifestBuckets, SortedKeys, sort_bucket
 from pipeline.embed import EmbedPatches
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger, RunLedger, UnitRecord, compact_output
 from pipeline.plan import Plan, plan
-from pipeline.sink import ParquetSink, write_parts
+from pipeline.sink import STAGING_DIR, ParquetSink, write_parts
 from pipeline.sources import ReadShards
+from pipeline.storage import InputError
 from pipeline.units import Part, Progress, Unit, files_per_unit, make_units, tag_rows
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_BLOCKS = 10_000
+SHUFFLE_PARTITIONS = 200  # hash-shuffle partitions that sort a large manifest (Ray Data's default)
 DECODE_BATCH_ROWS = 256  # images per batch that a read+decode task emits (ReadShards' rows_per_batch)
 TICK_S = 0.5  # the commit loop looks at the clock at least this often, whether or not parts arrive
 # Write tasks take no CPU: writing is mostly I/O, and a write task that waited for a CPU held by decode
@@ -161,7 +163,13 @@ class Summary:
             lines.append(f"Seconds per stage, all workers together: {spent}. {self.hint}".rstrip())
         if "first_row" in self.startup:
             s = self.startup
-            names = {"imports": "imports", "plan": "plan", "ray": "Ray", "model_start": "model actor start"}
+            names = {
+                "imports": "imports",
+                "plan": "plan",
+                "ray": "Ray",
+                "manifest": "sorting the manifest",
+                "model_start": "model actor start",
+            }
             before = ", ".join(f"{name} {s[k]:.1f} s" for k, name in names.items() if k in s)
             lines.append(
                 f"Start: {before}; the first rows were committed {s['first_row']:.1f} s into the run (the "
@@ -372,6 +380,44 @@ def _streamed(job: Plan, box: Any) -> dict[int, int] | None:
     return {r.partition: r.units for r in reports}
 
 
+def sort_manifest(config: JobConfig, job: Plan, run_id: str) -> list[SortedKeys]:
+    """A large manifest's keys, gathered by workers into buckets of sorted keys, each key once
+    (pipeline/discover.py), written under the run's staging directory: the discover stage's partitions.
+    Runs before the pipeline starts; an InputError raised while reading the manifest (a key outside the
+    input) is raised here, before anything is written."""
+    import ray
+
+    assert job.manifest is not None and config.input_list is not None
+    buckets = job.manifest.buckets
+    scratch = f"{config.output.rstrip('/')}/{STAGING_DIR}/{run_id}/manifest"
+    files = [{"file": f} for f in job.manifest.files]
+    ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
+    ds: ray.data.Dataset = ray.data.from_items(files, override_num_blocks=min(len(files), MAX_INPUT_BLOCKS))
+    ds = ds.map_batches(ManifestBuckets(config.input, config.input_list, buckets), batch_size=1)
+    grouped = ds.groupby("bucket", num_partitions=min(buckets, SHUFFLE_PARTITIONS))
+    try:
+        rows = grouped.map_groups(
+            functools.partial(sort_bucket, scratch=scratch), batch_format="pyarrow"
+        ).take_all()
+    except Exception as e:
+        cause = _input_error(e)
+        if cause is None:
+            raise
+        raise InputError(str(cause)) from None
+    return sorted((SortedKeys(r["bucket"], r["uri"], r["keys"]) for r in rows), key=lambda p: p.id)
+
+
+def _input_error(e: BaseException | None) -> InputError | None:
+    """The InputError a worker raised, found in the exceptions Ray wraps it in."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, InputError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _fold_this_run(output: str, run_id: str) -> None:
     """Folds this run's commit records into the ledger's index in a Ray task (its memory grows with the
     run's shards: not the driver's), so that the next run plans from the index alone. A failure leaves the
@@ -424,11 +470,15 @@ def _run(
     startup = {"plan": time.perf_counter() - start}
     job.ledger.recover()  # finish or remove what an interrupted run left, before writing anything
     job.ledger.compact(run_id)  # fold earlier runs' commit records into the ledger's index
-    if not job.shards and not job.retry and not job.partitions:
+    if not job.shards and not job.retry and not job.streamed:
         return Summary.of(config, run_id, job, time.perf_counter() - start)
     began = time.perf_counter()
     ensure_ray(num_cpus)
     startup["ray"] = time.perf_counter() - began
+    if job.manifest is not None:
+        began = time.perf_counter()
+        job.partitions.extend(sort_manifest(config, job, run_id))
+        startup["manifest"] = time.perf_counter() - began
 
     actors = actor_stage(config, job)
     units = make_units(job.shards, actors.task_slots, retry=job.retry)

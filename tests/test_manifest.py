@@ -358,3 +358,161 @@ def test_scheduled_runs_with_new_manifests_process_only_new_rows(tmp_path: Path,
     assert sorted(errors) == sorted([*first, *later, "day2/deleted.jpg"])  # never unlisted.jpg, no repeats
     assert errors["day2/deleted.jpg"].startswith("read: FileNotFoundError")
     assert all(errors[k] is None for k in [*first, *later])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Manifests too large for the driver: read and sorted into buckets by workers
+
+
+def test_a_large_manifest_is_planned_from_its_first_keys_and_left_to_workers(
+    tmp_path: Path, monkeypatch, capsys
+):
+    from pipeline.discover import STREAM_ABOVE_ENV
+    from pipeline.plan import manifest_input
+
+    src = tmp_path / "in"
+    (tmp_path / "m").mkdir()
+    _parquet_manifest(tmp_path / "m" / "0.parquet", key=[f"a/{i}.jpg" for i in range(8)])
+    _parquet_manifest(tmp_path / "m" / "1.parquet", key=[f"b/{i}.jpg" for i in range(8)])
+    config = JobConfig(input=str(src), output=str(tmp_path / "out"), input_list=str(tmp_path / "m"))
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "5")
+    large, shards = manifest_input(config)
+    assert large is not None and not shards and len(large.files) == 2 and large.buckets >= 16
+    from jobs.embed import main
+
+    args = ["--input", str(src), "--output", str(tmp_path / "out"), "--model", "vit_ti_16", "--weights"]
+    assert (
+        main([*args, "random", "--image-size", "32", "--input-list", str(tmp_path / "m"), "--dry-run"]) == 0
+    )
+    assert "(more than 5 files named by --input-list; its 2 data files are read, sorted into" in (
+        capsys.readouterr().out
+    )
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "16")  # all of it fits: read here, as before
+    large, shards = manifest_input(config)
+    assert large is None and len(shards) == 16
+    # What the driver reads of a large manifest is checked as the whole would be.
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "5")
+    _parquet_manifest(tmp_path / "m" / "0.parquet", key=[f"/abs/{i}.jpg" for i in range(8)])
+    with pytest.raises(InputError, match="names 8 objects outside --input"):
+        manifest_input(config)
+    # A large manifest of tar shards is read on the driver: its shards are few.
+    _parquet_manifest(tmp_path / "m" / "0.parquet", key=[f"a/{i}.tar" for i in range(8)])
+    _parquet_manifest(tmp_path / "m" / "1.parquet", key=[f"b/{i}.tar" for i in range(8)])
+    large, shards = manifest_input(config)
+    assert large is None and {s.kind for s in shards} == {"webdataset"} and len(shards) == 16
+
+
+def test_buckets_hold_each_key_once_sorted_whatever_the_manifest_order(tmp_path: Path):
+    from pipeline.discover import ManifestBuckets, SortedKeys, sort_bucket
+    from pipeline.sources.manifest import manifest_files
+    from pipeline.sources.walk import Walker
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"d{i % 7}/{i:04d}.jpg" for i in range(300)]
+    (tmp_path / "m").mkdir()
+    for j in range(3):  # every key in two files, shuffled, some twice in one file
+        keys = [names[i] for i in rng.permutation(300) if i % 3 != j] + names[j : j + 5]
+        _parquet_manifest(tmp_path / "m" / f"{j}.parquet", key=keys, size=[len(k) for k in keys])
+    files = manifest_files(str(src), str(tmp_path / "m"))
+    stage = ManifestBuckets(str(src), str(tmp_path / "m"), buckets=4)
+    tables = [t for f in files for t in stage({"file": np.array([f], dtype=object)})]
+    rows = pa.concat_tables(tables)
+    assert rows.num_rows == 3 * 200 + 15
+    scratch = str(tmp_path / "scratch")
+    parts = []
+    for b in range(4):  # what map_groups hands SortBucket: all rows of one bucket, in any order
+        group = rows.filter(pa.compute.equal(rows["bucket"], b))
+        group = group.take(pa.array(rng.permutation(group.num_rows)))
+        out = sort_bucket(group, scratch).to_pylist()[0]
+        parts.append(SortedKeys(out["bucket"], out["uri"], out["keys"]))
+        assert sort_bucket(group, scratch).to_pylist()[0] == out  # a retried task writes the same file
+    walker = Walker(str(src))
+    pages = [[e for page in p.pages(walker, size=16) for e in page] for p in parts]
+    assert sorted(rel for page in pages for _, rel, _ in page) == sorted(names)
+    for page in pages:
+        rels = [rel for _, rel, _ in page]
+        assert rels == sorted(rels) and len(rels) == len(set(rels))
+        assert all(path == str(src / rel) and size == len(rel) for path, rel, size in page)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_runs_from_a_large_manifest_write_every_key_once(tmp_path: Path, ray_local: None, monkeypatch):
+    from pipeline.discover import STREAM_ABOVE_ENV
+    from pipeline.embed import FakeEmbedPatches
+    from pipeline.run import run
+
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "4")
+    src, out = tmp_path / "in", tmp_path / "out"
+    day1 = [f"p{i % 3}/{i:03d}.jpg" for i in range(24)]
+    day2 = [f"p{i % 3}/new-{i:03d}.jpg" for i in range(6)]
+    _images(src, [*day1, *day2])
+    (src / "p0" / "bad.jpg").write_bytes(b"not an image")
+
+    def job(manifest: Path, **kw):
+        config = JobConfig(
+            input=str(src),
+            output=str(out),
+            input_list=str(manifest),
+            model="vit_ti_16",
+            weights="random",
+            image_size=32,
+            max_error_rate=0.5,
+            commit_interval_s=0,
+            **kw,
+        )
+        return run(
+            config, embedder=FakeEmbedPatches, embedder_kwargs={"embedding_dim": 192, "num_classes": 1000}
+        )
+
+    m1 = tmp_path / "m1"
+    m1.mkdir()
+    _parquet_manifest(m1 / "0.parquet", key=[*day1[:16], "p0/bad.jpg", day1[3]])
+    _parquet_manifest(m1 / "1.parquet", key=[*day1[10:], day1[0]])  # day1[10:16] and day1[0] in both files
+    one = job(m1)
+    assert (one.processed, one.errors, one.skipped) == (25, 1, 0), one
+    assert one.startup.get("manifest", 0) > 0
+    assert not (out / "_staging").exists(), "the sorted buckets are removed with the run's staging"
+
+    # The next day's inventory: everything so far, the new objects, and the bad one, fixed and retried.
+    (src / "p0" / "bad.jpg").write_bytes(_jpeg(99))
+    m2 = tmp_path / "m2"
+    m2.mkdir()
+    _parquet_manifest(m2 / "0.parquet", key=[*day2, *day1[:12]])
+    _parquet_manifest(m2 / "1.parquet", key=[*day1[12:], "p0/bad.jpg", *day2[:2]])
+    two = job(m2, retry_errors=True)
+    assert (two.processed, two.retried, two.skipped_shards) == (7, 1, 25), two  # 6 new, 1 retried
+    table = pads.dataset(str(out), format="parquet").to_table(columns=["key", "error"])
+    keys = table["key"].to_pylist()
+    assert len(keys) == len(set(keys)), "no key twice"
+    assert set(keys) == {*day1, *day2, "p0/bad.jpg"} and table["error"].null_count == table.num_rows
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_key_outside_the_input_found_by_a_worker_stops_the_run_before_anything_is_written(
+    tmp_path: Path, ray_local: None, monkeypatch
+):
+    from pipeline.discover import STREAM_ABOVE_ENV
+    from pipeline.embed import FakeEmbedPatches
+    from pipeline.run import run
+
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "4")
+    src, out = tmp_path / "in", tmp_path / "out"
+    _images(src, [f"{i}.jpg" for i in range(8)])
+    (tmp_path / "m").mkdir()
+    _parquet_manifest(tmp_path / "m" / "0.parquet", key=[f"{i}.jpg" for i in range(8)])
+    _parquet_manifest(tmp_path / "m" / "1.parquet", key=["ok.jpg", "../escape.jpg"])
+    config = JobConfig(
+        input=str(src),
+        output=str(out),
+        input_list=str(tmp_path / "m"),
+        model="vit_ti_16",
+        weights="random",
+        image_size=32,
+    )
+    with pytest.raises(InputError, match=r"names 1 object outside --input .*'\.\./escape\.jpg'"):
+        run(config, embedder=FakeEmbedPatches, embedder_kwargs={"embedding_dim": 192, "num_classes": 1000})
+    assert not list(out.glob("part-*")) and not list(out.glob("_runs/*/commit-*.json"))

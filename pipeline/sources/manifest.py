@@ -26,7 +26,7 @@ stage turns a missing object into an error row.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
@@ -54,32 +54,72 @@ def list_manifest(uri: str, list_uri: str, format: str = "auto") -> list[Shard]:
     give, except that a size the manifest does not give is 0. InputError when the manifest cannot be read,
     names objects outside the input, or names nothing to read.
     """
+    entries, _ = manifest_head(uri, list_uri)
+    return manifest_shards(uri, list_uri, entries, format)
+
+
+def manifest_head(
+    uri: str, list_uri: str, limit: int | None = None, files: list[ManifestFile] | None = None
+) -> tuple[list[Entry], bool]:
+    """The manifest's first objects, each key once: all of them, or, when it names more than ``limit``
+    keys, the first ``limit`` + 1 read. Returns them and whether that is all. What was refused in the part
+    read raises its InputError, as in ``manifest_pages``."""
+    target = _Target.of(uri)
     entries: dict[str, Entry] = {}
-    for page in manifest_pages(uri, list_uri):
-        for entry in page:
-            entries.setdefault(entry[1], entry)
+    for records in _record_pages(list_uri, target, files):
+        for bucket, key, size in records:
+            entry = target.entry(bucket, key, size)
+            if entry is not None:
+                entries.setdefault(entry[1], entry)
+        if limit is not None and len(entries) > limit:
+            target.raise_refusals(list_uri)
+            return list(entries.values()), False
+    target.raise_refusals(list_uri)
+    return list(entries.values()), True
+
+
+def manifest_shards(uri: str, list_uri: str, entries: list[Entry], format: str = "auto") -> list[Shard]:
+    """The shards of a manifest's entries (all of them, each key once), as ``list_manifest``."""
     if not entries:
         raise InputError(
             f"Manifest {list_uri} names no objects to read under {uri} (names starting with '_' or '.' and "
             "keys ending in '/' are skipped)."
         )
-    return make_shards(uri, list(entries.values()), format)
+    return make_shards(uri, entries, format)
 
 
-def manifest_pages(uri: str, list_uri: str) -> Iterator[list[Entry]]:
+def manifest_pages(uri: str, list_uri: str, files: list[ManifestFile] | None = None) -> Iterator[list[Entry]]:
     """The manifest's objects under the input ``uri``, one page of (path, rel, size) per record batch read,
     in the manifest's order; hidden names and folder markers are left out, a key may come twice.
+    ``files``: only these of the manifest's data files (``manifest_files``), e.g. one in a worker.
 
     Keys in another bucket than the input's, or outside its prefix, are refused with one InputError
     (their count and the first of them) after the last page: use the pages once the iterator has ended
     without error.
     """
     target = _Target.of(uri)
-    for records in _record_pages(list_uri, target):
+    for records in _record_pages(list_uri, target, files):
         page = [e for e in (target.entry(b, k, s) for b, k, s in records) if e is not None]
         if page:
             yield page
     target.raise_refusals(list_uri)
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One data file of a manifest: the unit in which workers read a large one (picklable)."""
+
+    path: str  # in resolve_uri(list_uri)'s filesystem
+    format: str  # "parquet" or "csv"
+    size: int  # bytes
+    columns: tuple[str, ...] | None = None  # an S3 Inventory CSV file's: no header row, URL-encoded keys
+
+
+def manifest_files(uri: str, list_uri: str) -> list[ManifestFile]:
+    """The data files of the manifest of the input ``uri``: the files of a Parquet directory, the one CSV
+    or Parquet file named, or those an S3 Inventory manifest.json names. InputError when the manifest
+    cannot be read or is an inventory of another bucket."""
+    return list(_guarded(list_uri, lambda: _files(list_uri, _Target.of(uri))))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -163,29 +203,49 @@ class _Target:
 Record = tuple[str | None, str, int | None]
 
 
-def _record_pages(list_uri: str, target: _Target) -> Iterator[list[Record]]:
-    fs, path = resolve_uri(list_uri)
+def _record_pages(
+    list_uri: str, target: _Target, files: list[ManifestFile] | None = None
+) -> Iterator[list[Record]]:
+    def pages() -> Iterator[list[Record]]:
+        fs, _ = resolve_uri(list_uri)
+        for file in _files(list_uri, target) if files is None else files:
+            if file.format == "parquet":
+                yield from _parquet_pages(list_uri, fs, file.path)
+            else:
+                yield from _csv_pages(list_uri, fs, file.path, list(file.columns) if file.columns else None)
+
+    yield from _guarded(list_uri, pages)
+
+
+def _guarded(list_uri: str, items: Callable[[], Iterable[Any]]) -> Iterator[Any]:
+    """`items()`, with what reading the manifest raises worded as an InputError."""
     try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"Manifest {list_uri} (--input-list) does not exist.")
-        name = path.lower()
-        if info.type == pafs.FileType.Directory or name.endswith((".parquet", ".pq")):
-            yield from _parquet_pages(list_uri, fs, path)
-        elif name.endswith((".csv", ".csv.gz")):
-            yield from _csv_pages(list_uri, fs, path)
-        elif name.endswith(".json"):
-            yield from _inventory_pages(list_uri, fs, path, target)
-        else:
-            raise InputError(
-                f"Cannot tell the format of manifest {list_uri}: --input-list takes a .parquet file or a "
-                "directory of them, a .csv or .csv.gz file with a header row, or an S3 Inventory "
-                "manifest.json."
-            )
+        yield from items()
     except InputError:
         raise
     except (OSError, pa.ArrowException, ValueError) as e:
         raise InputError(f"Cannot read manifest {list_uri}: {_describe(e, 300)}.") from None
+
+
+def _files(list_uri: str, target: _Target) -> list[ManifestFile]:
+    fs, path = resolve_uri(list_uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"Manifest {list_uri} (--input-list) does not exist.")
+    name = path.lower()
+    if info.type == pafs.FileType.Directory:
+        paths = sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
+        return [ManifestFile(i.path, "parquet", int(i.size or 0)) for i in fs.get_file_info(paths)]
+    if name.endswith((".parquet", ".pq")):
+        return [ManifestFile(path, "parquet", int(info.size or 0))]
+    if name.endswith((".csv", ".csv.gz")):
+        return [ManifestFile(path, "csv", int(info.size or 0))]
+    if name.endswith(".json"):
+        return _inventory_files(list_uri, fs, path, target)
+    raise InputError(
+        f"Cannot tell the format of manifest {list_uri}: --input-list takes a .parquet file or a "
+        "directory of them, a .csv or .csv.gz file with a header row, or an S3 Inventory manifest.json."
+    )
 
 
 def _canonical(name: str) -> str:
@@ -248,7 +308,7 @@ def _false(value: Any) -> bool:
     return value is False or (isinstance(value, str) and value.strip().lower() == "false")
 
 
-def _parquet_pages(list_uri: str, fs: pafs.FileSystem, path: str | list[str]) -> Iterator[list[Record]]:
+def _parquet_pages(list_uri: str, fs: pafs.FileSystem, path: str) -> Iterator[list[Record]]:
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
     cols = _pick(list_uri, dataset.schema.names)
     for role in ("key", "bucket"):
@@ -301,10 +361,8 @@ def _csv_pages(
             yield rows
 
 
-def _inventory_pages(
-    list_uri: str, fs: pafs.FileSystem, path: str, target: _Target
-) -> Iterator[list[Record]]:
-    """The records of an S3 Inventory report from its manifest.json.
+def _inventory_files(list_uri: str, fs: pafs.FileSystem, path: str, target: _Target) -> list[ManifestFile]:
+    """The data files of an S3 Inventory report, from its manifest.json.
 
     The manifest names its data files by key in the destination bucket. For a manifest on S3 they are read
     from there; for a local copy of the report they are looked for where the report's layout puts them,
@@ -329,21 +387,18 @@ def _inventory_pages(
             "configure the inventory as CSV or Parquet."
         )
     destination = str(doc.get("destinationBucket") or "").rsplit(":", 1)[-1]  # arn:aws:s3:::name
+    names = tuple(n.strip() for n in str(doc.get("fileSchema") or "").split(",") if n.strip())
     files = []
     for f in doc["files"]:
         key = f.get("key") if isinstance(f, dict) else None
         if not key:
             raise InputError(f"Manifest {list_uri}: an entry of 'files' has no 'key'.")
         if isinstance(fs, pafs.LocalFileSystem):
-            files.append(os.path.join(os.path.dirname(os.path.dirname(path)), "data", key.rsplit("/", 1)[-1]))
+            file = os.path.join(os.path.dirname(os.path.dirname(path)), "data", key.rsplit("/", 1)[-1])
         elif destination:
-            files.append(f"{destination}/{key}")
+            file = f"{destination}/{key}"
         else:
             raise InputError(f"Manifest {list_uri} names no destinationBucket for its files.")
-    if fmt == "parquet":
-        if files:
-            yield from _parquet_pages(list_uri, fs, files)
-        return
-    names = [n.strip() for n in str(doc.get("fileSchema") or "").split(",") if n.strip()]
-    for file in files:
-        yield from _csv_pages(list_uri, fs, file, inventory_columns=names)
+        size = f.get("size") if isinstance(f.get("size"), int) else 0
+        files.append(ManifestFile(file, fmt, size, names if fmt == "csv" else None))
+    return files

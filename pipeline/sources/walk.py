@@ -64,6 +64,10 @@ class Walker:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
 
+    def path(self, rel: str) -> str:
+        """The path of the input's object `rel` in its filesystem."""
+        return os.path.join(self.root, *rel.split("/")) if self.local else f"{self.root}/{rel}"
+
     # One directory ------------------------------------------------------------------------------------
 
     def list_dir(
