@@ -36,6 +36,14 @@ bucket for every page, so against moto these figures measure moto; ``--s3-endpoi
     python benchmarks/scale.py --sizes 100k,1M --runs 100k             # ~40 min on 2 vCPUs
     python benchmarks/scale.py --sizes '' --s3-objects 0 --runs 1M --run-planners streamed
     python benchmarks/scale.py --sizes '' --planner driver --s3-objects 4000 --s3-latency-ms 100
+    python benchmarks/scale.py --sizes '' --s3-objects 0 --manifests 100k,1M,5M
+
+Manifests (``--manifests``, e.g. 100k,1M; default none): a Parquet manifest (``--input-list``) of N keys in
+16 files, 1 % of the keys named in two files, of objects that need not exist (planning does not open them).
+Per size, in fresh children: planning (``plan()``, what ``--dry-run`` runs) with the driver reading the
+whole manifest (``VIT_EMBED_STREAM_ABOVE=10**15``) and with the default threshold, where workers read a
+manifest above it; for the latter also the workers' sort into buckets (``pipeline.run.sort_manifest`` on a
+local Ray of 2 CPUs): its seconds, the keys it kept, and the driver's peak RSS throughout.
     python benchmarks/scale.py --sizes 100k,1M,5M                      # 5M: ~5M inodes
 """
 
@@ -384,6 +392,8 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         out["seconds"] = time.perf_counter() - start
     elif op == "run":
         out = full_run(task["input"], task["output"], task["planner"])
+    elif op == "manifest":
+        out = manifest_plan(task["input"], task["output"], task["list"], task["planner"])
     elif op == "ledger":
         from pipeline.ledger import Ledger, UnitRecord
 
@@ -593,6 +603,94 @@ def print_run_row(r: dict) -> None:
     print(
         f"| {r['planner']} | {human(r['size'])} | {r['case']} | {r['rows']:,} | {r['skipped']:,} | {first} "
         f"| {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {r['peak_rss'] / 2**20:,.0f} |",
+        flush=True,
+    )
+
+
+# ---- manifests
+
+MANIFEST_FILES = 16
+
+
+def make_manifest(where: Path, keys: int) -> float:
+    """A Parquet manifest of `keys` keys in MANIFEST_FILES files, 1 % of them named in two files; returns
+    the seconds it took."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    where.mkdir(parents=True, exist_ok=True)
+    per_file = -(-keys // MANIFEST_FILES)
+    for f in range(MANIFEST_FILES):
+        ids = list(range(f * per_file, min(keys, (f + 1) * per_file)))
+        ids += [(i + per_file) % keys for i in ids[::100]]  # named again in the next file
+        names = [f"d{i // 1000:06d}/{i:09d}.jpg" for i in ids]
+        pq.write_table(pa.table({"key": names, "size": [1] * len(names)}), where / f"part-{f:02d}.parquet")
+    return time.perf_counter() - t0
+
+
+def manifest_plan(input: str, output: str, list_uri: str, planner: str) -> dict[str, Any]:
+    """`plan()` from a manifest; with `planner` "workers" (the default threshold), also the sort of a large
+    manifest into buckets on a local Ray of 2 CPUs."""
+    if planner == "driver":
+        os.environ["VIT_EMBED_STREAM_ABOVE"] = str(10**15)
+    import pipeline.plan as planning
+    from pipeline.config import JobConfig
+
+    config = JobConfig(input=input, output=output, input_list=list_uri, **MODEL)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    job = planning.plan(config)
+    out: dict[str, Any] = {"plan_s": time.perf_counter() - start, "rss_planned": rss_bytes("VmHWM")}
+    if job.manifest is None:
+        out.update(keys=len(job.shards), where="driver")
+        return out
+    from pipeline.cluster import ensure_ray
+    from pipeline.run import new_run_id, sort_manifest
+
+    ensure_ray(2)
+    start = time.perf_counter()
+    parts = sort_manifest(config, job, new_run_id())
+    out.update(
+        sort_s=time.perf_counter() - start,
+        keys=sum(p.keys for p in parts),
+        buckets=len(parts),
+        where="workers",
+    )
+    return out
+
+
+def manifest_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    rows = []
+    empty = workdir / "manifest-input"
+    empty.mkdir(exist_ok=True)
+    for keys in args.manifests:
+        where = workdir / f"manifest-{keys}"
+        made = make_manifest(where, keys)
+        print(f"manifest of {keys:,} keys in {MANIFEST_FILES} files: {made:.0f} s", flush=True)
+        try:
+            for planner in ("driver", "workers"):
+                out = workdir / f"manifest-out-{keys}-{planner}"
+                task = {"op": "manifest", "input": str(empty), "output": str(out), "list": str(where)}
+                res = run_child({**task, "planner": planner})
+                rows.append({"size": keys, "planner": planner, **res})
+                print_manifest_row(rows[-1])
+                shutil.rmtree(out, ignore_errors=True)
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+    return rows
+
+
+MANIFEST_HEAD = (
+    "| manifest keys | read by | plan s | driver peak RSS after planning MiB | workers' sort s | keys kept "
+    "| driver peak RSS MiB |\n|---|---|---|---|---|---|---|"
+)
+
+
+def print_manifest_row(r: dict) -> None:
+    sort = f"{r['sort_s']:.1f}" if "sort_s" in r else "—"
+    print(
+        f"| {human(r['size'])} | {r['where']} | {r['plan_s']:.1f} | {r['rss_planned'] / 2**20:,.0f} | {sort} "
+        f"| {r['keys']:,} | {r['peak_rss'] / 2**20:,.0f} |",
         flush=True,
     )
 
@@ -860,6 +958,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["driver", "streamed"],
         help=f"planners of the full runs, of {', '.join(RUN_PLANNERS)} (default both)",
     )
+    p.add_argument(
+        "--manifests",
+        type=lambda s: [parse_size(x) for x in s.split(",") if x],
+        default=[],
+        help="comma-separated manifest sizes in keys, e.g. 100k,1M (default none)",
+    )
     p.add_argument("--workdir", help="where to make the trees (default: a new directory under $TMPDIR)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -896,6 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs:
             print(RUN_HEAD, flush=True)
             report["runs"] = runs_benchmark(args, workdir)
+        report["manifests"] = []
+        if args.manifests:
+            print(MANIFEST_HEAD, flush=True)
+            report["manifests"] = manifest_benchmark(args, workdir)
         report["s3"] = []
         if args.s3_objects or args.s3_endpoint:
             for variant in args.planner:
@@ -934,6 +1042,16 @@ def main(argv: list[str] | None = None) -> int:
                         f"×{r['peak_rss'] / small['peak_rss']:.2f}, first committed row "
                         f"×{(r['first_row_s'] or 0) / max(1e-9, small['first_row_s'] or 0):.2f}"
                     )
+    if report["manifests"]:
+        print(MANIFEST_HEAD)
+        for r in report["manifests"]:
+            print_manifest_row(r)
+        mine = sorted((r for r in report["manifests"] if r["where"] == "workers"), key=lambda r: r["size"])
+        for r in mine[1:]:
+            print(
+                f"manifest read by workers: {human(r['size'])} vs {human(mine[0]['size'])}: driver peak RSS "
+                f"×{r['peak_rss'] / mine[0]['peak_rss']:.2f}"
+            )
     if report["s3"]:
         print("\n| lister | objects | seconds | objects/s | peak RSS MiB |\n|---|---|---|---|---|")
         for r in report["s3"]:

@@ -218,7 +218,10 @@ def build_dataset(
     if discover is None:
         items = [{"unit": unit} for unit in units]
     else:  # the discover stage lists the partitions into units, and passes the driver's units through
-        items = [{"partition": p} for p in [*units, *job.partitions]]
+        # Last partition first: where names grow with time (dates, sequence numbers), a rerun's new files
+        # are in the last directories, and reach the model without waiting for the committed ones to be
+        # listed and skipped.
+        items = [{"partition": p} for p in [*units, *reversed(job.partitions)]]
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     if discover is not None:
         # One unit per block (the repartition is fused into the discover tasks): each unit is its own

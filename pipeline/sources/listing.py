@@ -8,10 +8,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.config import FORMATS
 from pipeline.rows import SHARD_ERROR_SUFFIX
-from pipeline.sources.walk import Partition, Walker, hidden
+from pipeline.sources.walk import Partition, Walker
 from pipeline.storage import InputError, resolve_uri
 from pipeline.storage import describe as _describe
 
@@ -72,21 +73,11 @@ def list_shards(uri: str, format: str = "auto", input_list: str | None = None) -
             raise InputError(f"Input {uri} does not exist.")
         if info.type == pafs.FileType.File:
             entries = [(info.path, info.base_name, int(info.size or 0))]
-        elif isinstance(fs, pafs.LocalFileSystem):
+        else:  # the lister of the streamed listing: os.scandir, or S3 ListObjectsV2 pages
             entries = [e for page in Walker(uri).pages(Partition(0, "", recursive=True)) for e in page]
-        else:
-            selector = pafs.FileSelector(root, recursive=True)
-            base = root.rstrip("/") + "/"
-            entries = [
-                (i.path, i.path[len(base) :], int(i.size or 0))
-                for i in fs.get_file_info(selector)
-                if i.type == pafs.FileType.File
-                and i.path.startswith(base)
-                and not hidden(i.path[len(base) :])
-            ]
     except InputError:
         raise
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, pa.ArrowException, BotoCoreError, ClientError) as e:
         raise _listing_error(uri, e) from None
 
     if not entries:

@@ -36,7 +36,8 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline.sources.listing import Shard, hidden, make_shards
+from pipeline.sources.listing import Shard, make_shards
+from pipeline.sources.walk import hidden
 from pipeline.storage import InputError, is_s3, read_json, resolve_uri, split_s3_uri
 from pipeline.storage import describe as _describe
 
