@@ -30,7 +30,8 @@ RSS, the seconds until the first data file appears, the total.
 S3 listing (``--s3-objects``, default 20,000; 0 skips it): moto's server in a child process, the objects
 put straight into its in-memory backend, over 16 prefixes; timed in fresh children: ``list_shards``
 (sequential), the streamed lister (explore, then the partitions 8 at a time) and boto3 paginators over the
-prefixes in 8 threads. ``--s3-latency-ms`` holds every request in a proxy first; moto filters the whole
+prefixes in 8 threads (``--s3-flat``: one flat prefix of hash names instead, which the streamed lister
+splits into key ranges). ``--s3-latency-ms`` holds every request in a proxy first; moto filters the whole
 bucket for every page, so against moto these figures measure moto; ``--s3-endpoint`` lists a real one.
 
     python benchmarks/scale.py --sizes 100k,1M --runs 100k             # ~40 min on 2 vCPUs
@@ -714,7 +715,8 @@ port, bucket, n, prefixes = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int
 backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
 backend.create_bucket(bucket, "us-east-1")
 for i in range(n):  # moto's own model, as a PUT would store it; ~10k objects/s
-    backend.put_object(bucket, f"in/p{i % prefixes:02d}/{i:09d}.jpg", b"x")
+    key = f"in/p{i % prefixes:02d}/{i:09d}.jpg" if prefixes else f"in/{i * 2654435761 % 2**32:08x}-{i}.jpg"
+    backend.put_object(bucket, key, b"x")
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
 server.start()
 print("ready", flush=True)
@@ -736,9 +738,10 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
         port = free_port()
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
         n = args.s3_objects
+        prefixes = 0 if args.s3_flat else S3_PREFIXES
         t0 = time.perf_counter()
         server = subprocess.Popen(
-            [sys.executable, "-c", MOTO_SERVER, str(port), S3_BUCKET, str(n), str(S3_PREFIXES)],
+            [sys.executable, "-c", MOTO_SERVER, str(port), S3_BUCKET, str(n), str(prefixes)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -749,7 +752,9 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError("moto's server did not start")
         print(
-            f"moto: {n:,} objects over {S3_PREFIXES} prefixes in {time.perf_counter() - t0:.0f} s", flush=True
+            f"moto: {n:,} objects {f'over {prefixes} prefixes' if prefixes else 'in one flat prefix'} in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
         )
         if args.s3_latency_ms:  # every request waits this long in a proxy before moto answers it
             sys.path.insert(0, str(ROOT / "tests"))
@@ -939,6 +944,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0,
         help="with moto: hold every request this long in a proxy, a real endpoint's round trip (default 0)",
+    )
+    p.add_argument(
+        "--s3-flat",
+        action="store_true",
+        help="with moto: the objects in one flat prefix under hash names (<8 hex>-<n>.jpg), not 16 prefixes",
     )
     p.add_argument(
         "--s3-uri", help="with --s3-endpoint: the s3://bucket/prefix to list (16 prefixes under it)"

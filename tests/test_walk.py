@@ -130,3 +130,46 @@ def test_many_subdirectories_are_split_however_few_files_the_driver_reads(tmp_pa
     found = explore(Walker(str(tmp_path / "in")), target=16)
     assert len(found.partitions) == 40 and all(p.recursive for p in found.partitions)
     assert sorted(_all_pages(Walker(str(tmp_path / "in")), found.partitions)) == sorted(names)
+
+
+def test_a_flat_s3_prefix_is_split_into_key_ranges_that_cover_every_key_once(
+    s3_server: str, s3_bucket: str, monkeypatch
+):
+    """A flat prefix is listed by many workers: its key range is cut where the names differ (after the
+    characters they share, like img_000…), each piece probed with one request."""
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    names = [f"img_{i:06d}.jpg" for i in range(0, 400, 3)]  # sequential names share 'img_000'
+    names += [f"{i * 7919 % 4096:03x}.jpg" for i in range(60)]  # hash names
+    names += ["~tilde.jpg", "é.jpg", "中.jpg", " lead.jpg", "sub/x.jpg", "img_", "img_000120.jpg.txt"]
+    for name in [*names, "_hidden.jpg", "sub/.h.jpg"]:
+        s3.put_object(Bucket=s3_bucket, Key=f"flat/{name}", Body=b"x")
+    s3.put_object(Bucket=s3_bucket, Key="flatter.jpg", Body=b"x")  # shares the prefix, not the directory
+    monkeypatch.setattr(walk_module, "PAGE", 8)  # a probe reads 8 keys: a range with more is split
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", 8)  # the root's first page does not hold it all
+    walker = Walker(f"s3://{s3_bucket}/flat")
+    requests = []
+    walker._client = boto3.client("s3", endpoint_url=s3_server)
+    walker._client.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: requests.append(1))
+    for target in (1, 6):
+        requests.clear()
+        found = explore(walker, target)
+        probes = len(requests)
+        rels = _all_pages(walker, found.partitions, size=5)
+        assert sorted(rels) == sorted(names) and len(rels) == len(names)
+        assert [p.id for p in found.partitions] == list(range(len(found.partitions)))
+        if target == 1:
+            assert found.partitions == [Partition(0, "", True)] and probes == 0
+            continue
+        # one request per non-empty piece at each cut (62 pieces here, most of them a page or less)
+        assert len(found.partitions) >= target and probes <= 100, probes
+        sizes = [sum(len(page) for page in walker.pages(p)) for p in found.partitions]
+        assert max(sizes) <= len(names) // 4, sizes
+    assert found.partitions == explore(walker, target).partitions, "the same ranges every time"
+    uppers = [p.upto for p in found.partitions if p.upto is not None]
+    assert uppers == sorted(uppers), "partitions in key order: units are formed in listing order"
+
+
+def test_a_range_partition_pages_only_its_keys(local_tree: Path):
+    walker = Walker(str(local_tree))
+    part = Partition(0, "", True, after="a/x.jpg", upto="b/é.jpg")
+    assert _all_pages(walker, [part]) == [n for n in sorted(NAMES) if "a/x.jpg" < n <= "b/é.jpg"]

@@ -15,6 +15,8 @@ skipped, as are directory markers (keys ending in '/'); symlinked directories ar
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import os
 import stat
 from collections.abc import Iterator
@@ -41,6 +43,12 @@ class Partition:
     prefix: str  # directory relative to the input root: '' or ending in '/'
     recursive: bool  # everything under `prefix`, or only the files directly in it
     files: tuple[Entry, ...] | None = None  # those files, when the driver's exploration already listed them
+    # A key range of a recursive partition: only the rels r with after < r <= upto (None: unbounded).
+    after: str | None = None
+    upto: str | None = None
+
+    def holds(self, rel: str) -> bool:
+        return (self.after is None or rel > self.after) and (self.upto is None or rel <= self.upto)
 
 
 def _hidden_name(name: str) -> bool:
@@ -115,8 +123,10 @@ class Walker:
 
     def pages(self, partition: Partition, size: int = PAGE) -> Iterator[list[Entry]]:
         """The partition's files in `rel` order, `size` at a time."""
-        if partition.recursive:
-            entries = self._local_tree(partition.prefix) if self.local else self._s3_tree(partition.prefix)
+        if partition.recursive and self.local:
+            entries = _in_range(self._local_tree(partition.prefix), partition)
+        elif partition.recursive:
+            entries = _in_range(self._s3_tree(partition.prefix, partition.after), partition)
         elif partition.files is not None:
             entries = iter(partition.files)
         else:
@@ -152,20 +162,46 @@ class Walker:
             else:
                 yield entry
 
-    def _s3_tree(self, prefix: str) -> Iterator[Entry]:
-        for page in self._s3_pages(prefix, delimiter=False):
+    def _s3_tree(self, prefix: str, after: str | None = None) -> Iterator[Entry]:
+        for page in self._s3_pages(prefix, delimiter=False, after=after):
             for _, entry in page:
                 yield entry  # type: ignore[misc]
 
-    def _s3_pages(self, prefix: str, delimiter: bool) -> Iterator[list[tuple[str, Entry | str]]]:
-        bucket, _, base = self.root.partition("/")
-        base = f"{base}/" if base else ""
+    def keys_after(self, partition: Partition, start: str | None) -> tuple[list[str], bool]:
+        """One S3 request: the rels of `partition`'s range after `start` (None: from its beginning), a page
+        at most, and whether the range goes on past them."""
+        response = next(iter(self._s3_responses(partition.prefix, False, start)), {})
+        base = self._base()
+        rels = [item["Key"][len(base) :] for item in response.get("Contents", [])]
+        inside = [rel for rel in rels if partition.holds(rel)]
+        return inside, bool(response.get("IsTruncated")) and len(inside) == len(rels)
+
+    def _base(self) -> str:
+        _, _, base = self.root.partition("/")
+        return f"{base}/" if base else ""
+
+    def _s3_responses(self, prefix: str, delimiter: bool, after: str | None = None) -> Iterator[dict]:
+        bucket, _, _ = self.root.partition("/")
+        base = self._base()
         if self._client is None:
             self._client = storage.s3_client()
-        args = {"Bucket": bucket, "Prefix": base + prefix, "PaginationConfig": {"PageSize": PAGE}}
+        args: dict[str, Any] = {
+            "Bucket": bucket,
+            "Prefix": base + prefix,
+            "PaginationConfig": {"PageSize": PAGE},
+        }
         if delimiter:
             args["Delimiter"] = "/"
-        for response in self._client.get_paginator("list_objects_v2").paginate(**args):
+        if after is not None:
+            args["StartAfter"] = base + after  # keys after it, in S3's (UTF-8 byte) order
+        yield from self._client.get_paginator("list_objects_v2").paginate(**args)
+
+    def _s3_pages(
+        self, prefix: str, delimiter: bool, after: str | None = None
+    ) -> Iterator[list[tuple[str, Entry | str]]]:
+        bucket, _, _ = self.root.partition("/")
+        base = self._base()
+        for response in self._s3_responses(prefix, delimiter, after):
             page: list[tuple[str, Entry | str]] = []
             for item in response.get("CommonPrefixes", []):
                 rel = item["Prefix"][len(base) :]
@@ -178,6 +214,15 @@ class Walker:
                     continue
                 page.append(("file", (f"{bucket}/{key}", rel, int(item.get("Size", 0)))))
             yield page
+
+
+def _in_range(entries: Iterator[Entry], partition: Partition) -> Iterator[Entry]:
+    """The entries of a sorted stream that lie in the partition's key range."""
+    for entry in entries:
+        if partition.upto is not None and entry[1] > partition.upto:
+            return
+        if partition.after is None or entry[1] > partition.after:
+            yield entry
 
 
 @dataclass
@@ -215,8 +260,83 @@ def explore(walker: Walker, target: int = EXPLORE_TARGET) -> Exploration:
             level = following
     found += [(prefix, True, None) for prefix in level]
     complete = complete and not level
-    found.sort(key=lambda f: (f[0], f[1]))
-    partitions = [
-        Partition(i, prefix, recursive, files) for i, (prefix, recursive, files) in enumerate(found)
-    ]
+    parts = [Partition(-1, prefix, recursive, entries) for prefix, recursive, entries in found]
+    if not walker.local:
+        parts = split_ranges(walker, parts, target)
+    parts.sort(key=lambda p: (p.prefix, p.recursive, p.after is not None, p.after or ""))
+    partitions = [dataclasses.replace(p, id=i) for i, p in enumerate(parts)]
     return Exploration(partitions, files, sample, complete)
+
+
+# Key-range boundaries: a range is cut at `shared + c` for each of these characters, in byte order; keys
+# with other characters there fall into the ranges around them.
+DESCEND = [chr(c) for c in range(0x21, 0x7F)]
+# Non-ASCII names split coarsely, by blocks of code points (UTF-8 keeps their order).
+SPLIT_CHARS = [*DESCEND, "\x7f", "\u0100", "\u0800", "\u3000", "\u4e00", "\u7000", "\uac00", "\U00010000"]
+MAX_SPLIT_DEPTH = 64  # characters a range's keys may share before it is left whole
+
+
+def split_ranges(walker: Walker, parts: list[Partition], target: int) -> list[Partition]:
+    """S3: recursive partitions split into key ranges until `target` of them are large (more than a page
+    of keys), so that a flat prefix of millions of keys is listed by many workers at once (a prefix lists
+    in order, one page after another, but S3's StartAfter starts a listing anywhere). Large ranges are
+    split breadth-first (see `_split`); a recursive partition not yet looked at counts as large, so an
+    input explored into `target` directories costs no request here."""
+    done = [p for p in parts if not p.recursive]
+    ranges = [(p, True) for p in parts if p.recursive]  # (range, whether it holds more than a page)
+    with ThreadPoolExecutor(EXPLORE_THREADS, thread_name_prefix="split") as pool:
+        while 0 < sum(full for _, full in ranges) < target:
+            large = [p for p, full in ranges if full]
+            following = [(p, False) for p, full in ranges if not full]
+            for pieces in pool.map(lambda p: _split(walker, p), large):
+                following += pieces
+            ranges = following
+    return done + [p for p, _ in ranges]
+
+
+def _split(walker: Walker, p: Partition) -> list[tuple[Partition, bool]]:
+    """`p`'s key range cut at `anchor + c` for each c in SPLIT_CHARS, the anchor being what its lower bound
+    and its first key share. The pieces that hold keys are found by skipping from one to the next, one
+    request each (`_scan`). While a single piece `anchor + c` holds every key (names that share more
+    characters, like img_000…), that is the new anchor. Empty pieces are merged into their neighbours, so
+    the pieces cover `p`'s range, every key once. Returns the pieces and whether each holds more than a
+    page; `p` itself, not large, when it cannot be cut."""
+    first = walker.keys_after(p, p.after)
+    if not first[0]:
+        return [(p, False)]
+    anchor = os.path.commonprefix([p.prefix if p.after is None else p.after, first[0][0]])  # noqa: RUF071
+    for _ in range(MAX_SPLIT_DEPTH):
+        cuts = [anchor + c for c in SPLIT_CHARS if p.holds(anchor + c)]
+        held = _scan(walker, p, cuts, first)
+        if len(held) >= 2:
+            break
+        piece, large = held[0]
+        if not large or piece.after not in cuts or piece.after[-1] not in DESCEND:
+            return [(p, False)]  # a page or less, or its keys lie past the cuts: one worker lists it
+        anchor = piece.after  # every key starts with it: look one character further in
+    else:
+        return [(p, False)]
+    merged = []
+    for i, (piece, large) in enumerate(held):  # each stretched over the empty pieces before it
+        lo = p.after if i == 0 else held[i - 1][0].upto
+        hi = p.upto if i == len(held) - 1 else piece.upto
+        merged.append((dataclasses.replace(piece, after=lo, upto=hi), large))
+    return merged
+
+
+def _scan(
+    walker: Walker, p: Partition, cuts: list[str], first: tuple[list[str], bool]
+) -> list[tuple[Partition, bool]]:
+    """The pieces of `p` between `cuts` that hold keys, in order, and whether each holds more than a page:
+    from `first` (the range's first page), then one request after the end of each piece found."""
+    bounds = [p.after, *cuts, p.upto]
+    held: list[tuple[Partition, bool]] = []
+    keys, more = first
+    while keys:
+        i = bisect.bisect_left(cuts, keys[0])  # the piece (bounds[i], bounds[i + 1]] holds keys[0]
+        piece = dataclasses.replace(p, after=bounds[i], upto=bounds[i + 1])
+        held.append((piece, more and all(piece.holds(k) for k in keys)))
+        if i == len(cuts):
+            break
+        keys, more = walker.keys_after(p, piece.upto)
+    return held
