@@ -285,16 +285,18 @@ VARIANTS = {
 
 
 def boto3_parallel_list(uri: str, threads: int) -> int:
-    """The reference parallel listing: the prefixes one level under `uri` (one delimiter listing), then
-    each prefix listed to the end by a list_objects_v2 paginator, in a pool of `threads`."""
+    """The reference parallel listing: the prefixes one level under `uri` (a delimiter listing, which also
+    counts the keys directly under it), then each prefix listed to the end by a list_objects_v2 paginator,
+    in a pool of `threads`."""
     import boto3
 
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     prefix = prefix.rstrip("/") + "/"
     client = boto3.client("s3")
-    top = client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/")
-    prefixes = [p["Prefix"] for p in top.get("CommonPrefixes", [])]
-    loose = len(top.get("Contents", []))
+    prefixes, loose = [], 0
+    for top in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        prefixes += [p["Prefix"] for p in top.get("CommonPrefixes", [])]
+        loose += len(top.get("Contents", []))  # a flat prefix: every key, one page after another
 
     def count(p: str) -> int:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p)

@@ -146,6 +146,7 @@ def test_a_flat_s3_prefix_is_split_into_key_ranges_that_cover_every_key_once(
     s3.put_object(Bucket=s3_bucket, Key="flatter.jpg", Body=b"x")  # shares the prefix, not the directory
     monkeypatch.setattr(walk_module, "PAGE", 8)  # a probe reads 8 keys: a range with more is split
     monkeypatch.setattr(walk_module, "EXPLORE_FILES", 8)  # the root's first page does not hold it all
+    monkeypatch.setattr(walk_module, "MIN_SPLIT_PAGES", 2)  # cut ranges of a few pages too
     walker = Walker(f"s3://{s3_bucket}/flat")
     requests = []
     walker._client = boto3.client("s3", endpoint_url=s3_server)
@@ -167,9 +168,19 @@ def test_a_flat_s3_prefix_is_split_into_key_ranges_that_cover_every_key_once(
     assert found.partitions == explore(walker, target).partitions, "the same ranges every time"
     uppers = [p.upto for p in found.partitions if p.upto is not None]
     assert uppers == sorted(uppers), "partitions in key order: units are formed in listing order"
+    # A range of a few pages is listed, not cut: cutting would cost more requests than it saves.
+    monkeypatch.setattr(walk_module, "MIN_SPLIT_PAGES", 16)
+    requests.clear()
+    assert explore(walker, 6).partitions == [Partition(0, "", True)] and len(requests) <= 3  # 1 to decide
 
 
-def test_a_range_partition_pages_only_its_keys(local_tree: Path):
-    walker = Walker(str(local_tree))
-    part = Partition(0, "", True, after="a/x.jpg", upto="b/é.jpg")
-    assert _all_pages(walker, [part]) == [n for n in sorted(NAMES) if "a/x.jpg" < n <= "b/é.jpg"]
+def test_the_pages_of_a_range_are_estimated_from_its_first_page():
+    hex_names = Partition(0, "", True)  # 16 ** 6 names <6 hex>.jpg: 16,777 pages of 1,000
+    page = [f"{i:06x}.jpg" for i in range(1000)]
+    assert 16_777 / 2 <= walk_module.estimated_pages(hex_names, page) <= 16_777 * 8
+    numbered = Partition(0, "a/", True, after="a/img_0001", upto="a/img_0002")  # img_000100 … img_000199
+    page = [f"a/img_0001{i:02d}.jpg" for i in range(10)]
+    assert 10 / 2 <= walk_module.estimated_pages(numbered, page) <= 10 * 8
+    few = Partition(0, "", True)  # 1,250 hashed names in all: 1.25 pages
+    names = sorted(f"{i * 2654435761 % 2**32:08x}.jpg" for i in range(1250))
+    assert walk_module.estimated_pages(few, names[:1000]) < walk_module.MIN_SPLIT_PAGES

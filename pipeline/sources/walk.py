@@ -274,6 +274,33 @@ DESCEND = [chr(c) for c in range(0x21, 0x7F)]
 # Non-ASCII names split coarsely, by blocks of code points (UTF-8 keeps their order).
 SPLIT_CHARS = [*DESCEND, "\x7f", "\u0100", "\u0800", "\u3000", "\u4e00", "\u7000", "\uac00", "\U00010000"]
 MAX_SPLIT_DEPTH = 64  # characters a range's keys may share before it is left whole
+MIN_SPLIT_PAGES = 16  # a range estimated at fewer pages is listed, not cut
+ESTIMATE_BYTES = 8  # bytes of a key read as a number by estimated_pages
+
+
+def estimated_pages(p: Partition, page: list[str]) -> float:
+    """How many pages `p`'s key range holds, from its first (full) page: the range's width over the
+    page's, keys read as numbers after the bytes the range's bounds share, in the base of the byte values
+    seen (16 and a few for hex names, 10 for digits). Within a few times the truth for hashed and numbered
+    names; an overestimate only makes a range look worth cutting."""
+    lo = (p.prefix if p.after is None else p.after).encode()
+    hi = p.prefix.encode() + b"\xff" if p.upto is None else p.upto.encode()
+    shared = len(os.path.commonprefix([lo, hi]))  # noqa: RUF071
+    keys = [k.encode()[shared : shared + ESTIMATE_BYTES] for k in (page[0], page[-1])]
+    seen = {b for k in page for b in k.encode()[shared : shared + ESTIMATE_BYTES]}
+    alphabet = sorted(
+        seen | set(lo[shared : shared + ESTIMATE_BYTES]) | set(hi[shared : shared + ESTIMATE_BYTES])
+    )
+    base = len(alphabet) + 1  # 0: past the end of a shorter key
+
+    def at(key: bytes) -> int:
+        value = 0
+        for i in range(ESTIMATE_BYTES):
+            value = value * base + (bisect.bisect_left(alphabet, key[i]) + 1 if i < len(key) else 0)
+        return value
+
+    width = at(keys[1]) - at(keys[0])
+    return (at(hi[shared:]) - at(lo[shared:])) / width if width > 0 else float("inf")
 
 
 def split_ranges(walker: Walker, parts: list[Partition], target: int) -> list[Partition]:
@@ -302,8 +329,8 @@ def _split(walker: Walker, p: Partition) -> list[tuple[Partition, bool]]:
     the pieces cover `p`'s range, every key once. Returns the pieces and whether each holds more than a
     page; `p` itself, not large, when it cannot be cut."""
     first = walker.keys_after(p, p.after)
-    if not first[0]:
-        return [(p, False)]
+    if not first[1] or estimated_pages(p, first[0]) < MIN_SPLIT_PAGES:
+        return [(p, False)]  # a few pages: listing it costs less than cutting it
     anchor = os.path.commonprefix([p.prefix if p.after is None else p.after, first[0][0]])  # noqa: RUF071
     for _ in range(MAX_SPLIT_DEPTH):
         cuts = [anchor + c for c in SPLIT_CHARS if p.holds(anchor + c)]
@@ -335,7 +362,8 @@ def _scan(
     while keys:
         i = bisect.bisect_left(cuts, keys[0])  # the piece (bounds[i], bounds[i + 1]] holds keys[0]
         piece = dataclasses.replace(p, after=bounds[i], upto=bounds[i + 1])
-        held.append((piece, more and all(piece.holds(k) for k in keys)))
+        full = more and all(piece.holds(k) for k in keys)
+        held.append((piece, full and estimated_pages(piece, keys) >= MIN_SPLIT_PAGES))
         if i == len(cuts):
             break
         keys, more = walker.keys_after(p, piece.upto)
