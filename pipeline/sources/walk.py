@@ -304,13 +304,13 @@ def estimated_pages(p: Partition, page: list[str]) -> float:
 
 
 def split_ranges(walker: Walker, parts: list[Partition], target: int) -> list[Partition]:
-    """S3: recursive partitions split into key ranges until `target` of them are large (more than a page
-    of keys), so that a flat prefix of millions of keys is listed by many workers at once (a prefix lists
-    in order, one page after another, but S3's StartAfter starts a listing anywhere). Large ranges are
-    split breadth-first (see `_split`); a recursive partition not yet looked at counts as large, so an
-    input explored into `target` directories costs no request here."""
+    """S3: recursive partitions split into key ranges until `target` of them are large (estimated at
+    MIN_SPLIT_PAGES pages or more), so that a flat prefix of millions of keys is listed by many workers
+    at once (a prefix lists in order, one page after another, but S3's StartAfter starts a listing
+    anywhere). Large ranges are split breadth-first (see `_split`); a recursive partition not yet looked
+    at counts as large, so an input explored into `target` directories costs no request here."""
     done = [p for p in parts if not p.recursive]
-    ranges = [(p, True) for p in parts if p.recursive]  # (range, whether it holds more than a page)
+    ranges = [(p, True) for p in parts if p.recursive]  # (range, whether it is large)
     with ThreadPoolExecutor(EXPLORE_THREADS, thread_name_prefix="split") as pool:
         while 0 < sum(full for _, full in ranges) < target:
             large = [p for p, full in ranges if full]
@@ -326,8 +326,8 @@ def _split(walker: Walker, p: Partition) -> list[tuple[Partition, bool]]:
     and its first key share. The pieces that hold keys are found by skipping from one to the next, one
     request each (`_scan`). While a single piece `anchor + c` holds every key (names that share more
     characters, like img_000…), that is the new anchor. Empty pieces are merged into their neighbours, so
-    the pieces cover `p`'s range, every key once. Returns the pieces and whether each holds more than a
-    page; `p` itself, not large, when it cannot be cut."""
+    the pieces cover `p`'s range, every key once. Returns the pieces and whether each is large; `p`
+    itself, not large, when it holds a few pages or cannot be cut."""
     first = walker.keys_after(p, p.after)
     if not first[1] or estimated_pages(p, first[0]) < MIN_SPLIT_PAGES:
         return [(p, False)]  # a few pages: listing it costs less than cutting it
@@ -354,8 +354,8 @@ def _split(walker: Walker, p: Partition) -> list[tuple[Partition, bool]]:
 def _scan(
     walker: Walker, p: Partition, cuts: list[str], first: tuple[list[str], bool]
 ) -> list[tuple[Partition, bool]]:
-    """The pieces of `p` between `cuts` that hold keys, in order, and whether each holds more than a page:
-    from `first` (the range's first page), then one request after the end of each piece found."""
+    """The pieces of `p` between `cuts` that hold keys, in order, and whether each is large: from `first`
+    (the range's first page), then one request after the end of each piece found."""
     bounds = [p.after, *cuts, p.upto]
     held: list[tuple[Partition, bool]] = []
     keys, more = first
