@@ -366,6 +366,7 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
 
     variant = VARIANTS.get(task.get("variant", "driver"))
     assert variant is not None
+    requests = count_s3_requests() if op in ("list_uri", "streamed_list", "boto3_parallel") else None
     rss0 = rss_bytes()
     if op == "plan":
         opened = count_opens_under(task["input"])
@@ -416,7 +417,24 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"unknown child op {op!r}")
     out["rss_start"] = rss0
     out["peak_rss"] = rss_bytes("VmHWM")
+    if requests is not None:
+        out["requests"] = requests()
     return out
+
+
+def count_s3_requests() -> Callable[[], int]:
+    """Counts the S3 requests botocore makes in this process from now on (pyarrow's are not seen)."""
+    import botocore.client
+
+    made = [0]
+    call = botocore.client.BaseClient._make_api_call
+
+    def counted(self: Any, operation: str, params: Any) -> Any:
+        made[0] += 1
+        return call(self, operation, params)
+
+    botocore.client.BaseClient._make_api_call = counted  # type: ignore[method-assign]
+    return lambda: made[0]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -787,12 +805,13 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
                     "seconds": res["seconds"],
                     "objects_per_s": res["listed"] / res["seconds"],
                     "peak_rss": res["peak_rss"],
+                    "requests": res.get("requests"),
                     "endpoint": "moto" if server else args.s3_endpoint,
                 }
             )
             print(
                 f"S3 {name}: {res['listed']:,} objects in {res['seconds']:.1f} s, "
-                f"{rows[-1]['objects_per_s']:,.0f}/s",
+                f"{rows[-1]['objects_per_s']:,.0f}/s, {res.get('requests')} requests",
                 flush=True,
             )
         if n is not None and any(r["objects"] != n for r in rows):
@@ -1065,11 +1084,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"×{r['peak_rss'] / mine[0]['peak_rss']:.2f}"
             )
     if report["s3"]:
-        print("\n| lister | objects | seconds | objects/s | peak RSS MiB |\n|---|---|---|---|---|")
+        print("\n| lister | objects | requests | seconds | objects/s | peak RSS MiB |")
+        print("|---|---|---|---|---|---|")
         for r in report["s3"]:
             print(
-                f"| {r['lister']} | {r['objects']:,} | {r['seconds']:.1f} | {r['objects_per_s']:,.0f} "
-                f"| {r['peak_rss'] / 2**20:,.0f} |"
+                f"| {r['lister']} | {r['objects']:,} | {r['requests']} | {r['seconds']:.1f} "
+                f"| {r['objects_per_s']:,.0f} | {r['peak_rss'] / 2**20:,.0f} |"
             )
         for i in range(0, len(report["s3"]), 3):
             seq, streamed, ref = report["s3"][i : i + 3]
