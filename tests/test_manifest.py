@@ -62,7 +62,7 @@ def test_parquet_manifest_gives_the_shards_listing_gives(tmp_path: Path):
         tmp_path / "m.parquet", key=names, size=[sizes.get(n, 0) for n in names], other=list(range(8))
     )
     # Duplicates read once, hidden names and folder markers skipped, sorted by rel: what listing gives.
-    assert list_shards(str(src), "auto", uri) == listed == list_manifest(str(src), uri)
+    assert list_manifest(str(src), uri) == listed
     assert [s.rel for s in listed] == ["a.jpg", "sub/b.png", "sub/c.jpg"]
     # Without a size column the sizes are 0 (the read stage reads the object whole).
     bare = _parquet_manifest(tmp_path / "bare.parquet", key=["sub/c.jpg"])
@@ -110,14 +110,14 @@ def test_formats_and_mixed_inputs_as_listing(tmp_path: Path):
     with pytest.raises(InputError) as listed_error:
         list_shards(str(src))
     with pytest.raises(InputError) as manifest_error:
-        list_shards(str(src), "auto", uri)
+        list_manifest(str(src), uri, "auto")
     assert str(manifest_error.value) == str(listed_error.value)
     assert "mixes 1 .tar, 1 .parquet and 1 other files" in str(manifest_error.value)
-    assert [(s.rel, s.kind) for s in list_shards(str(src), "webdataset", uri)] == [("b.tar", "webdataset")]
-    assert {s.kind for s in list_shards(str(src), "files", uri)} == {"file"}
+    assert [(s.rel, s.kind) for s in list_manifest(str(src), uri, "webdataset")] == [("b.tar", "webdataset")]
+    assert {s.kind for s in list_manifest(str(src), uri, "files")} == {"file"}
     only_jpg = _parquet_manifest(tmp_path / "j.parquet", key=["a.jpg"])
     with pytest.raises(InputError, match=r"has no \.parquet files, which --format parquet reads"):
-        list_shards(str(src), "parquet", only_jpg)
+        list_manifest(str(src), only_jpg, "parquet")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_s3_inventory_csv_with_url_encoded_keys(s3_server: str, s3_bucket: str):
     manifest_uri = f"s3://{dest}/{base}/2026-01-02T01-00Z/manifest.json"
 
     input_uri = f"s3://{s3_bucket}/photos"
-    shards = list_shards(input_uri, "auto", manifest_uri)
+    shards = list_manifest(input_uri, manifest_uri, "auto")
     # Decoded keys, sizes from the inventory: the very shards listing the bucket gives.
     assert shards == list_shards(input_uri)
     assert sorted(s.rel for s in shards) == sorted(ODD_NAMES)
@@ -243,7 +243,7 @@ def test_s3_inventory_csv_with_url_encoded_keys(s3_server: str, s3_bucket: str):
 
     # An inventory of another bucket is refused before its files are read.
     with pytest.raises(InputError, match=rf"is an inventory of bucket {s3_bucket}, not of --input's bucket"):
-        list_shards(f"s3://{dest}/photos", "auto", manifest_uri)
+        list_manifest(f"s3://{dest}/photos", manifest_uri, "auto")
 
 
 def test_parquet_inventory_read_from_a_local_copy(tmp_path: Path, s3_server: str):

@@ -54,18 +54,11 @@ def classify(rel: str) -> str:
     return "file"
 
 
-def list_shards(uri: str, format: str = "auto", input_list: str | None = None) -> list[Shard]:
+def list_shards(uri: str, format: str = "auto") -> list[Shard]:
     """Lists the input recursively into shards sorted by ``rel``; InputError when there is nothing to read.
-
-    With ``input_list`` (``--input-list``), the shards are the objects a manifest names instead
-    (:func:`pipeline.sources.manifest.list_manifest`): the input is not listed.
-    """
+    (A manifest, ``--input-list``, names the shards instead: :mod:`pipeline.sources.manifest`.)"""
     if format not in FORMATS:
         raise InputError(f"Unknown input format {format!r}: choose one of {', '.join(FORMATS)}.")
-    if input_list is not None:
-        from pipeline.sources.manifest import list_manifest  # manifest.py builds on this module
-
-        return list_manifest(uri, input_list, format)
     fs, root = resolve_uri(uri)
     try:
         info = fs.get_file_info(root)
