@@ -516,3 +516,44 @@ def test_a_key_outside_the_input_found_by_a_worker_stops_the_run_before_anything
     with pytest.raises(InputError, match=r"names 1 object outside --input .*'\.\./escape\.jpg'"):
         run(config, embedder=FakeEmbedPatches, embedder_kwargs={"embedding_dim": 192, "num_classes": 1000})
     assert not list(out.glob("part-*")) and not list(out.glob("_runs/*/commit-*.json"))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_large_manifest_on_s3_into_an_s3_output(
+    s3_server: str, s3_bucket: str, ray_local: None, monkeypatch
+):
+    from pipeline.discover import STREAM_ABOVE_ENV
+    from pipeline.embed import FakeEmbedPatches
+    from pipeline.run import run
+
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "4")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    names = [f"p{i % 3}/{i:02d} #{i}.jpg" for i in range(10)]
+    for i, name in enumerate(names):
+        s3.put_object(Bucket=s3_bucket, Key=f"in/{name}", Body=_jpeg(i))
+    for j, keys in enumerate([names[:7], names[5:]]):  # names[5:7] in both files
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table({"key": [f"in/{n}" for n in keys]}), buf)
+        s3.put_object(Bucket=s3_bucket, Key=f"manifest/{j}.parquet", Body=buf.getvalue().to_pybytes())
+    out = f"s3://{s3_bucket}/out"
+    config = JobConfig(
+        input=f"s3://{s3_bucket}/in",
+        output=out,
+        input_list=f"s3://{s3_bucket}/manifest",
+        model="vit_ti_16",
+        weights="random",
+        image_size=32,
+        commit_interval_s=0,
+    )
+    summary = run(
+        config, embedder=FakeEmbedPatches, embedder_kwargs={"embedding_dim": 192, "num_classes": 1000}
+    )
+    assert (summary.processed, summary.errors) == (10, 0) and summary.startup.get("manifest", 0) > 0
+    from pipeline.storage import resolve_uri
+
+    fs, root = resolve_uri(out)
+    table = pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["key"])
+    assert sorted(table["key"].to_pylist()) == sorted(names)
+    left = s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/_staging/").get("KeyCount", 0)
+    assert left == 0, "the sorted buckets are removed with the run's staging"
