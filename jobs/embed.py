@@ -38,7 +38,7 @@ from pipeline.config import (  # noqa: E402
     ConfigError,
     JobConfig,
 )
-from pipeline.stop import RERUN, ClusterWatch, Stopped, install_signal_handlers  # noqa: E402
+from pipeline.stop import RERUN, ClusterWatch, Stopped, end_after_stop, install_signal_handlers  # noqa: E402
 
 DEMO_INPUT = "data/sample"
 DEMO_OUTPUT = "out/demo"
@@ -299,4 +299,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    status = cli()
+    if status == 3:
+        end_after_stop(status)
+    sys.exit(status)

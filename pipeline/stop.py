@@ -5,6 +5,7 @@ What was committed stays; the same command does the rest (the commit protocol, p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -54,6 +55,18 @@ def _stop_local_ray(timeout_s: float = 2.0) -> None:
                 info.process.wait(timeout_s)
             except Exception:  # best effort: the process exits next whatever happens here
                 pass
+
+
+def end_after_stop(status: int = 3) -> None:
+    """Ends the process with `status` once a stop's clean-up has run, without `ray.shutdown()` and the
+    interpreter's teardown. After `ray.shutdown()`, a thread still inside the abandoned Ray Data iterator
+    that touches the core worker makes Ray end the process with status 1 ("The core worker process is not
+    initialized yet or already shutdown"). A local Ray's processes end with this one: Ray starts them
+    bound to it (Linux's parent-death signal), and its workers follow their raylet."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def install_signal_handlers() -> None:
