@@ -37,7 +37,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipeline.sources.listing import Shard, make_shards
-from pipeline.sources.walk import hidden
+from pipeline.sources.walk import hidden, object_path
 from pipeline.storage import InputError, is_s3, read_json, resolve_uri, split_s3_uri
 from pipeline.storage import describe as _describe
 
@@ -67,11 +67,9 @@ def manifest_head(
     read raises its InputError, as in ``manifest_pages``."""
     target = _Target.of(uri)
     entries: dict[str, Entry] = {}
-    for records in _record_pages(list_uri, target, files):
-        for bucket, key, size in records:
-            entry = target.entry(bucket, key, size)
-            if entry is not None:
-                entries.setdefault(entry[1], entry)
+    for page in _entry_pages(list_uri, target, files):
+        for entry in page:
+            entries.setdefault(entry[1], entry)
         if limit is not None and len(entries) > limit:
             target.raise_refusals(list_uri)
             return list(entries.values()), False
@@ -99,11 +97,17 @@ def manifest_pages(uri: str, list_uri: str, files: list[ManifestFile] | None = N
     without error.
     """
     target = _Target.of(uri)
+    yield from _entry_pages(list_uri, target, files)
+    target.raise_refusals(list_uri)
+
+
+def _entry_pages(list_uri: str, target: _Target, files: list[ManifestFile] | None) -> Iterator[list[Entry]]:
+    """The manifest's records mapped to entries under `target`, a page per record batch (empty pages left
+    out); what is refused is counted in `target`, not raised."""
     for records in _record_pages(list_uri, target, files):
         page = [e for e in (target.entry(b, k, s) for b, k, s in records) if e is not None]
         if page:
             yield page
-    target.raise_refusals(list_uri)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,6 @@ class _Target:
                 self._refuse("outside", key)  # never read outside the input directory
                 return None
             rel = key
-            path = os.path.join(self.root, *parts)
         else:
             if bucket and bucket != self.bucket:
                 self._refuse("other_bucket", f"s3://{bucket}/{key}")
@@ -167,10 +170,9 @@ class _Target:
                 rel = key[len(self.prefix) + 1 :]
             else:
                 rel = key
-            path = f"{self.root}/{rel}"
         if hidden(rel):
             return None
-        return path, rel, max(0, int(size or 0))
+        return object_path(self.root, rel, self.bucket is None), rel, max(0, int(size or 0))
 
     def _refuse(self, kind: str, example: str) -> None:
         self.first.setdefault(kind, example)

@@ -55,6 +55,11 @@ def _hidden_name(name: str) -> bool:
     return name.startswith(("_", "."))
 
 
+def object_path(root: str, rel: str, local: bool) -> str:
+    """The path of object `rel` under an input root (resolve_uri's path) in its filesystem."""
+    return os.path.join(root, *rel.split("/")) if local else f"{root}/{rel}"
+
+
 def hidden(rel: str) -> bool:
     """True for a path with a component starting with ``_`` or ``.`` (bookkeeping, never an input)."""
     return any(_hidden_name(part) for part in rel.split("/"))
@@ -74,7 +79,7 @@ class Walker:
 
     def path(self, rel: str) -> str:
         """The path of the input's object `rel` in its filesystem."""
-        return os.path.join(self.root, *rel.split("/")) if self.local else f"{self.root}/{rel}"
+        return object_path(self.root, rel, self.local)
 
     # One directory ------------------------------------------------------------------------------------
 
