@@ -23,9 +23,10 @@ The committed output is built with the project's own classes, in the order a run
 ``RunLedger.finish``, and the fold of the records into the ledger's index that a run does at its end.
 ``--validate N`` compares such an output with a real run's on N real JPEGs.
 
-Full runs (``--runs``, e.g. 100k,1M; ``--run-planners``): ``pipeline.run.run`` with the fake model on a local
-Ray of 2 CPUs that the run starts, into an empty output and again after 1 % new files: the driver's peak
-RSS, the seconds until the first data file appears, the total.
+Full runs (``--runs``, e.g. 100k,1M; ``--run-planners``; ``--round-objects``, the input objects per round,
+e.g. 0,100k): ``pipeline.run.run`` with the fake model on a local Ray of 2 CPUs that the run starts, into an
+empty output and again after 1 % new files: the rounds it went in, the seconds until the first data file
+appears, the total, and the driver's RSS at the first data file, at the end and at its peak.
 
 S3 listing (``--s3-objects``, default 20,000; 0 skips it): moto's server in a child process, the objects
 put straight into its in-memory backend, over 16 prefixes; timed in fresh children: ``list_shards``
@@ -53,6 +54,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -312,19 +314,23 @@ RUN_PLANNERS = {  # VIT_EMBED_STREAM_ABOVE for each planner of a full run
 }
 
 
-def full_run(input: str, output: str, planner: str) -> dict[str, Any]:
+def full_run(input: str, output: str, planner: str, round_objects: int | None) -> dict[str, Any]:
     """`pipeline.run.run` with the fake model on 2 CPUs (a local Ray started by the run, as `python
     jobs/embed.py` does): its summary, the seconds until the first data file is committed (a thread polls
-    the output for a data file it did not hold before), and the driver's RSS."""
+    the output for a data file it did not hold before), and the driver's RSS then and at the end.
+    `round_objects`: VIT_EMBED_ROUND_OBJECTS (None: the job's default)."""
     import threading
 
     os.environ["VIT_EMBED_STREAM_ABOVE"] = RUN_PLANNERS[planner]
+    if round_objects is not None:
+        os.environ["VIT_EMBED_ROUND_OBJECTS"] = str(round_objects)
     from pipeline.config import JobConfig
     from pipeline.embed import FakeEmbedPatches
     from pipeline.run import run
 
     start = time.perf_counter()
     first: list[float] = []
+    first_rss: list[int] = []
     stop = threading.Event()
 
     before = set(os.listdir(output)) if os.path.isdir(output) else set()
@@ -335,6 +341,7 @@ def full_run(input: str, output: str, planner: str) -> dict[str, Any]:
                 e.name.startswith("part-") and e.name not in before for e in os.scandir(output)
             ):
                 first.append(time.perf_counter() - start)
+                first_rss.append(rss_bytes())
                 return
             time.sleep(0.05)
 
@@ -351,6 +358,9 @@ def full_run(input: str, output: str, planner: str) -> dict[str, Any]:
     return {
         "seconds": time.perf_counter() - start,
         "first_row_s": first[0] if first else None,
+        "rss_first_row": first_rss[0] if first_rss else None,
+        "rss_end": rss_bytes(),
+        "rounds": summary.rounds,
         "rows": summary.processed,
         "skipped": summary.skipped,
         "files": summary.files,
@@ -395,7 +405,7 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         out = {"listed": boto3_parallel_list(task["uri"], task["threads"])}
         out["seconds"] = time.perf_counter() - start
     elif op == "run":
-        out = full_run(task["input"], task["output"], task["planner"])
+        out = full_run(task["input"], task["output"], task["planner"], task.get("round_objects"))
     elif op == "manifest":
         out = manifest_plan(task["input"], task["output"], task["list"], task["planner"])
     elif op == "ledger":
@@ -595,35 +605,44 @@ def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
     """Per planner and size: a full run with the fake model into an empty output, then 1 % new files (new
     directories) and the same run again."""
     rows = []
-    for planner in args.run_planners:
-        for size in args.runs:
-            tree, out = workdir / f"run-in-{size}", workdir / f"run-out-{size}"
-            make_files(tree, 0, size, args.per_dir)
-            try:
-                for case, committed in (("first run", 0), ("rerun +1%", size)):
-                    if committed:
-                        make_files(tree, size + args.per_dir, max(1, size // 100), args.per_dir)
-                    task = {"op": "run", "planner": planner, "input": str(tree), "output": str(out)}
-                    res = run_child(task)
-                    rows.append({"planner": planner, "size": size, "case": case, **res})
-                    print_run_row(rows[-1])
-            finally:
-                shutil.rmtree(tree, ignore_errors=True)
-                shutil.rmtree(out, ignore_errors=True)
+    for size in args.runs:
+        tree = workdir / f"run-in-{size}"
+        make_files(tree, 0, size, args.per_dir)
+        try:
+            for planner in args.run_planners:
+                for bound in args.round_objects:
+                    out = workdir / f"run-out-{size}"
+                    for case, committed in (("first run", 0), ("rerun +1%", size)):
+                        if committed:
+                            make_files(tree, size + args.per_dir, max(1, size // 100), args.per_dir)
+                        task = {"op": "run", "planner": planner, "input": str(tree), "output": str(out)}
+                        res = run_child({**task, "round_objects": bound})
+                        rows.append({"planner": planner, "bound": bound, "size": size, "case": case, **res})
+                        print_run_row(rows[-1])
+                    shutil.rmtree(out, ignore_errors=True)
+                    first_new = (size + args.per_dir) // args.per_dir  # the next setting starts from N again
+                    for d in range(first_new, first_new + size // 100 // args.per_dir + 2):
+                        shutil.rmtree(tree / f"d{d:06d}", ignore_errors=True)
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
     return rows
 
 
 RUN_HEAD = (
-    "| planner | objects | case | rows written | skipped | first committed row s | total s | rows/s "
-    "| driver peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|"
+    "| planner | objects per round | objects | case | rounds | rows written | skipped "
+    "| first committed row s | total s | rows/s | driver RSS MiB at first row | at end | peak |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def print_run_row(r: dict) -> None:
     first = f"{r['first_row_s']:.1f}" if r["first_row_s"] is not None else "—"
+    at_first = f"{r['rss_first_row'] / 2**20:,.0f}" if r["rss_first_row"] else "—"
+    bound = "default" if r["bound"] is None else "all" if r["bound"] == 0 else human(r["bound"])
     print(
-        f"| {r['planner']} | {human(r['size'])} | {r['case']} | {r['rows']:,} | {r['skipped']:,} | {first} "
-        f"| {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {r['peak_rss'] / 2**20:,.0f} |",
+        f"| {r['planner']} | {bound} | {human(r['size'])} | {r['case']} | {r['rounds']} | {r['rows']:,} "
+        f"| {r['skipped']:,} | {first} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {at_first} "
+        f"| {r['rss_end'] / 2**20:,.0f} | {r['peak_rss'] / 2**20:,.0f} |",
         flush=True,
     )
 
@@ -990,6 +1009,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"planners of the full runs, of {', '.join(RUN_PLANNERS)} (default both)",
     )
     p.add_argument(
+        "--round-objects",
+        type=lambda s: [parse_size(x) for x in s.split(",") if x] or [None],
+        default=[None],
+        help="comma-separated VIT_EMBED_ROUND_OBJECTS values for the full runs (0: one round), each run in "
+        "turn (default: the job's own)",
+    )
+    p.add_argument(
         "--manifests",
         type=lambda s: [parse_size(x) for x in s.split(",") if x],
         default=[],
@@ -1062,14 +1088,15 @@ def main(argv: list[str] | None = None) -> int:
         print(RUN_HEAD)
         for r in report["runs"]:
             print_run_row(r)
-        for planner in args.run_planners:
-            mine = sorted((r for r in report["runs"] if r["planner"] == planner), key=lambda r: r["size"])
+        for planner, bound in itertools.product(args.run_planners, args.round_objects):
+            mine = [r for r in report["runs"] if r["planner"] == planner and r["bound"] == bound]
             for case in ("first run", "rerun +1%"):
-                these = [r for r in mine if r["case"] == case]
+                these = sorted((r for r in mine if r["case"] == case), key=lambda r: r["size"])
                 for r in these[1:]:
                     small = these[0]
                     print(
-                        f"{planner}, {case}: {human(r['size'])} vs {human(small['size'])}: driver peak RSS "
+                        f"{planner}, rounds of {bound if bound is not None else 'default'}, {case}: "
+                        f"{human(r['size'])} vs {human(small['size'])}: driver peak RSS "
                         f"×{r['peak_rss'] / small['peak_rss']:.2f}, first committed row "
                         f"×{(r['first_row_s'] or 0) / max(1e-9, small['first_row_s'] or 0):.2f}"
                     )

@@ -182,7 +182,7 @@ def write_batch_rows(actors: ActorStage, gmacs: float, interval_s: float) -> int
 
 class ReportBox:
     """A Ray actor's class: the discover stage's partition reports (pipeline/discover.py), one per
-    partition (a retried task's report replaces its first), for the driver to read at the end."""
+    partition (a retried task's report replaces its first), for the driver to take at the end of a round."""
 
     def __init__(self) -> None:
         self.reports: dict[int, Any] = {}
@@ -190,8 +190,10 @@ class ReportBox:
     def add(self, report: Any) -> None:
         self.reports[report.partition] = report
 
-    def all(self) -> list[Any]:
-        return list(self.reports.values())
+    def take(self) -> list[Any]:
+        """The reports so far, which the box then forgets (the next round's laps report anew)."""
+        reports, self.reports = list(self.reports.values()), {}
+        return reports
 
 
 def send_report(box: Any, report: Any) -> None:

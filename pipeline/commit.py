@@ -52,9 +52,9 @@ class Committer:
     """Feed it parts with `add` and call `tick` often; it commits complete units every `interval_s`
     seconds and at `finish`.
 
-    Units are given up front (those the driver made) or, for units the discover stage makes while the run
-    goes on (pipeline/discover.py), learnt from their parts; `finish` checks those against the number of
-    units each listing partition reported.
+    Units are given up front or per round (`begin_round`: those the driver made) or, for units the discover
+    stage makes while the run goes on (pipeline/discover.py), learnt from their parts; `finish`, at the end
+    of every round, checks those against the number of units each listing partition reported.
 
     `stage(units)` turns complete units into UnitRecords whose staged files are ready to move (merging
     parts, in parallel); `move(records, parts)` moves them into place; `check()` raises when this run may
@@ -78,6 +78,12 @@ class Committer:
         self.committed_ids: set[int] = set()  # streamed units committed: a part for one again is a bug
         self.per_partition: Counter[int] = Counter()  # streamed units committed per listing partition
         self._last = time.monotonic()
+
+    def begin_round(self, units: Iterable[Unit]) -> None:
+        """A new round of the run (pipeline/rounds.py) with the units the driver made for it: from now on,
+        parts come from this round's units alone (the last round's were all committed by `finish`)."""
+        self.units.update((unit.id, Progress(unit)) for unit in units)
+        self.committed_ids.clear()
 
     def add(self, part: Part) -> None:
         progress = self.units.get(part.unit)

@@ -65,10 +65,23 @@ def partition_of(unit: int) -> int | None:
 @dataclass(frozen=True)
 class PartitionReport:
     partition: int
-    units: int  # units made, numbered 0..units-1
-    shards: int  # files in them
-    skipped_shards: int  # files already committed
+    units: int  # units made of the partition so far, numbered 0..units-1 (earlier laps' included)
+    shards: int  # files in this lap's units
+    skipped_shards: int  # files this lap found already committed
     skipped_rows: int
+    # The partition's last file this lap took, when it stopped at its quota (the next lap lists the files
+    # after it); None when the lap listed the partition to its end.
+    resume: str | None = None
+
+
+@dataclass(frozen=True)
+class Lap:
+    """What one discover task lists of a partition in one round of the run (pipeline/rounds.py): its files
+    after `partition.after`, as units numbered from `seq`, and at most `quota` units (None: all of them)."""
+
+    partition: Partition | SortedKeys
+    seq: int = 0
+    quota: int | None = None
 
 
 class DiscoverUnits:
@@ -87,29 +100,43 @@ class DiscoverUnits:
         self.committed, self.report = committed, report
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """`partition` holds Partitions to list, or Units the driver made, which pass through."""
+        """`partition` holds Laps (or Partitions, listed whole) to list, or Units the driver made, which pass
+        through."""
         for item in batch["partition"]:
-            for unit in [item] if isinstance(item, Unit) else self.units(item):
+            if isinstance(item, Unit):
+                units: Iterator[Unit] = iter([item])
+            elif isinstance(item, Lap):
+                units = self.units(item.partition, item.seq, item.quota)
+            else:
+                units = self.units(item)
+            for unit in units:
                 yield {"unit": np.array([unit], dtype=object)}
 
-    def units(self, partition: Partition | SortedKeys) -> Iterator[Unit]:
+    def units(
+        self, partition: Partition | SortedKeys, seq: int = 0, quota: int | None = None
+    ) -> Iterator[Unit]:
+        """The partition's files after `partition.after` that are not committed, in units numbered from
+        `seq`; at most `quota` units, after which the report says where the next lap resumes."""
         pending: list[Shard] = []
-        seq = shards = skipped = skipped_rows = 0
+        first, shards, skipped, skipped_rows = seq, 0, 0, 0
         if isinstance(partition, SortedKeys):
             pages = partition.pages(self.walker)
         else:
             pages = self.walker.pages(partition)
         for page in pages:
             done, rows = self.committed.done_in([rel for _, rel, _ in page])
-            skipped += int(done.sum())
-            skipped_rows += int(rows.sum())
-            for (path, rel, size), d in zip(page, done, strict=True):
-                if d:
+            for (path, rel, size), d, r in zip(page, done, rows, strict=True):
+                if d:  # counted as it is passed: a lap that stops mid-page leaves the rest to the next
+                    skipped, skipped_rows = skipped + 1, skipped_rows + int(r)
                     continue
                 pending.append(Shard(path=path, rel=rel, kind="file", size=size))
                 if len(pending) == self.files_per_unit:
                     yield Unit(unit_id(partition.id, seq), tuple(pending))
                     seq, shards, pending = seq + 1, shards + len(pending), []
+                    if quota is not None and seq - first == quota:
+                        resume = rel
+                        self.report(PartitionReport(partition.id, seq, shards, skipped, skipped_rows, resume))
+                        return
         if pending:
             yield Unit(unit_id(partition.id, seq), tuple(pending))
             seq, shards = seq + 1, shards + len(pending)
@@ -165,13 +192,26 @@ class SortedKeys:
     id: int  # the bucket
     uri: str  # the file
     keys: int
+    after: str | None = None  # only the rels after this one (a later lap of the partition)
 
     def pages(self, walker: Walker, size: int = PAGE) -> Iterator[list[Entry]]:
         fs, path = resolve_uri(self.uri)
         file = pq.ParquetFile(path, filesystem=fs)
-        for batch in file.iter_batches(batch_size=size, columns=["rel", "size"]):
+        groups = list(range(file.metadata.num_row_groups))
+        if self.after is not None:  # from the first row group that holds a rel after it (its statistics)
+            column = file.schema_arrow.get_field_index("rel")
+            stats = [file.metadata.row_group(g).column(column).statistics for g in groups]
+            groups = [
+                g
+                for g, st in zip(groups, stats, strict=True)
+                if not (st and st.has_min_max) or st.max > self.after
+            ]
+        for batch in file.iter_batches(batch_size=size, row_groups=groups, columns=["rel", "size"]):
+            if self.after is not None:
+                batch = batch.filter(pc.greater(batch.column(0), self.after))
             rels, sizes = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-            yield [(walker.path(rel), rel, size) for rel, size in zip(rels, sizes, strict=True)]
+            if rels:
+                yield [(walker.path(rel), rel, size) for rel, size in zip(rels, sizes, strict=True)]
 
 
 def sort_bucket(table: pa.Table, scratch: str) -> pa.Table:

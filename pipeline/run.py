@@ -1,8 +1,9 @@
 """The run: units → read+decode (CPU tasks) → embed (model actors) → write parts (CPU tasks) → commit.
 
 `run(config)` is the whole job as a Python function (what `jobs/embed.py` calls): it plans
-(pipeline/plan.py), builds the Ray Data pipeline, and feeds the parts it writes to the commit loop
-(pipeline/commit.py), which makes complete units visible every `--commit-interval` seconds.
+(pipeline/plan.py), builds the Ray Data pipeline once per round (pipeline/rounds.py: at most a million input
+objects each), and feeds the parts it writes to the commit loop (pipeline/commit.py), which makes complete
+units visible every `--commit-interval` seconds.
 """
 
 from __future__ import annotations
@@ -30,11 +31,20 @@ from pipeline.cluster import (
 from pipeline.commit import CommitStats, Committer
 from pipeline.config import JobConfig
 from pipeline.decode import DecodePatches
-from pipeline.discover import STREAM_ABOVE, DiscoverUnits, ManifestBuckets, SortedKeys, sort_bucket
+from pipeline.discover import (
+    STREAM_ABOVE,
+    DiscoverUnits,
+    Lap,
+    ManifestBuckets,
+    PartitionReport,
+    SortedKeys,
+    sort_bucket,
+)
 from pipeline.embed import EmbedPatches
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger, RunLedger, UnitRecord, compact_output
 from pipeline.plan import Plan, plan
+from pipeline.rounds import Rounds, round_objects
 from pipeline.sink import STAGING_DIR, ParquetSink, write_parts
 from pipeline.sources import ReadShards
 from pipeline.storage import InputError
@@ -94,6 +104,7 @@ class Summary:
     files: int
     skipped_shards: int = 0
     retried: int = 0  # committed error rows read and embedded again (--retry-errors)
+    rounds: int = 1  # Ray Data executions the run went in (pipeline/rounds.py)
     actors: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over the workers of a stage
     bound: str = ""  # the stage that limits the run
@@ -115,13 +126,14 @@ class Summary:
         stats: CommitStats | None = None,
         actors: ActorStage | None = None,
         startup: dict[str, float] | None = None,
+        rounds: int = 1,
     ) -> Summary:
         """The summary of a run that committed `stats` (none: it had nothing to do)."""
         stats = stats or CommitStats()
         stage_seconds = dict(stats.seconds)
         startup = dict(startup or {})
-        if actors and "model_start" in stage_seconds:  # each actor's own start, on average
-            startup["model_start"] = stage_seconds.pop("model_start") / actors.size
+        if actors and "model_start" in stage_seconds:  # each actor's own start (once per round), on average
+            startup["model_start"] = stage_seconds.pop("model_start") / (actors.size * max(1, rounds))
         error_rate = stats.errors / stats.rows if stats.rows else 0.0
         on_actors = config.decode == "gpu"  # decode time was spent in the model actors
         bound = bottleneck(stage_seconds, actors.task_slots, actors.size, on_actors) if actors else ""
@@ -138,6 +150,7 @@ class Summary:
             files=stats.files,
             skipped_shards=job.skipped_shards,
             retried=stats.retried,
+            rounds=rounds,
             actors=actors.description if actors else "",
             stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
             bound=bound,
@@ -158,6 +171,11 @@ class Summary:
             lines.append(f"Skipped {self.skipped} rows already written by earlier runs.")
         if self.retried:
             lines.append(f"Retried {self.retried} error rows of earlier runs (their rows were replaced).")
+        if self.rounds > 1:
+            lines.append(
+                f"The run went in {self.rounds} rounds (one Ray Data execution each, which keeps the "
+                "driver's memory bounded; VIT_EMBED_ROUND_OBJECTS sets the input objects per round)."
+            )
         if self.stage_seconds:
             spent = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items())
             lines.append(f"Seconds per stage, all workers together: {spent}. {self.hint}".rstrip())
@@ -206,24 +224,20 @@ def build_dataset(
     embedder: Callable | type | None = None,
     embedder_kwargs: dict | None = None,
     discover: DiscoverUnits | None = None,
+    laps: list[Lap] | None = None,
 ):
-    """The Ray Data plan: units → read+decode (CPU tasks) → embed (actors) → write parts (CPU tasks); with
-    `discover`, listing partitions → units (CPU tasks) first."""
+    """The Ray Data plan of one round: units → read+decode (CPU tasks) → embed (actors) → write parts (CPU
+    tasks); with `laps`, listing partitions → units (the `discover` stage's CPU tasks) first."""
     import ray
 
-    # Units in and parts out are Python objects, which Ray Data stores pickled: said here, before the first
-    # block is made, so that it does not warn that it cannot make an Arrow column of them.
-    ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
-    items: list[dict[str, Any]]
-    if discover is None:
-        items = [{"unit": unit} for unit in units]
-    else:  # the discover stage lists the partitions into units, and passes the driver's units through
-        # Last partition first: where names grow with time (dates, sequence numbers), a rerun's new files
-        # are in the last directories, and reach the model without waiting for the committed ones to be
-        # listed and skipped.
-        items = [{"partition": p} for p in [*units, *reversed(job.partitions)]]
+    allow_python_objects()
+    listing = bool(laps) and discover is not None
+    # With laps, the discover stage lists their partitions into units and passes the driver's units through.
+    items: list[dict[str, Any]] = (
+        [{"partition": p} for p in [*units, *(laps or [])]] if listing else [{"unit": u} for u in units]
+    )
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
-    if discover is not None:
+    if listing and discover is not None:
         # One unit per block (the repartition is fused into the discover tasks): each unit is its own
         # read+decode task, and leaves its discover task as soon as it is formed.
         ds = ds.map_batches(discover, batch_size=1).repartition(target_num_rows_per_block=1)
@@ -368,19 +382,27 @@ def _parts(ds: Any) -> Iterator[Part | None]:
         yield item
 
 
-def _streamed(job: Plan, box: Any) -> dict[int, int] | None:
-    """Units made per listing partition, from the discover stage's reports; adds what it skipped to `job`.
-    None when the driver made every unit."""
-    if box is None:
-        return None
+def allow_python_objects() -> None:
+    """Units, partitions and parts travel between stages as Python objects, which Ray Data stores pickled:
+    said before the first block is made, so that it does not warn that it cannot make an Arrow column of
+    them."""
     import ray
 
-    reports = ray.get(box.all.remote())
-    if len(reports) != len(job.partitions):
-        raise RuntimeError(f"{len(job.partitions) - len(reports)} listing partitions never reported")
+    ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
+
+
+def _lap_reports(job: Plan, box: Any, laps: list[Lap]) -> list[PartitionReport]:
+    """The discover stage's reports on a round's laps, taken from `box`; adds what they skipped to `job`."""
+    if not laps:
+        return []
+    import ray
+
+    reports = ray.get(box.take.remote())
+    if len(reports) != len(laps):
+        raise RuntimeError(f"{len(laps) - len(reports)} listing partitions never reported")
     job.skipped_shards += sum(r.skipped_shards for r in reports)
     job.skipped_rows += sum(r.skipped_rows for r in reports)
-    return {r.partition: r.units for r in reports}
+    return reports
 
 
 def sort_manifest(config: JobConfig, job: Plan, run_id: str) -> list[SortedKeys]:
@@ -394,7 +416,7 @@ def sort_manifest(config: JobConfig, job: Plan, run_id: str) -> list[SortedKeys]
     buckets = job.manifest.buckets
     scratch = f"{config.output.rstrip('/')}/{STAGING_DIR}/{run_id}/manifest"
     files = [{"file": f} for f in job.manifest.files]
-    ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
+    allow_python_objects()
     ds: ray.data.Dataset = ray.data.from_items(files, override_num_blocks=min(len(files), MAX_INPUT_BLOCKS))
     ds = ds.map_batches(ManifestBuckets(config.input, config.input_list, buckets), batch_size=1)
     grouped = ds.groupby("bucket", num_partitions=min(buckets, SHUFFLE_PARTITIONS))
@@ -485,12 +507,13 @@ def _run(
 
     actors = actor_stage(config, job)
     units = make_units(job.shards, actors.task_slots, retry=job.retry)
+    per_unit = files_per_unit(STREAM_ABOVE, actors.task_slots)  # whatever VIT_EMBED_STREAM_ABOVE says
+    rounds = Rounds(units, job.partitions, per_unit, round_objects())
     discover, box = None, None
     if job.partitions:  # the discover tasks read the index, which holds every committed shard by now
         import ray
 
         box = ray.remote(num_cpus=0)(ReportBox).remote()
-        per_unit = files_per_unit(STREAM_ABOVE, actors.task_slots)  # whatever VIT_EMBED_STREAM_ABOVE says
         report = functools.partial(send_report, box)
         discover = DiscoverUnits(config.input, per_unit, job.ledger.shards(), report)
     sink = ParquetSink(config.output, job.output, run_id, {**job.identity, "run_id": run_id})
@@ -498,31 +521,39 @@ def _run(
     run_ledger.start({"run_id": run_id, "started_at": started_at, "identity": job.identity})
     movers = ThreadPoolExecutor(MOVE_THREADS, thread_name_prefix="place")
     committer = Committer(
-        units,
+        (),
         run_ledger,
         _stager(sink, job.ledger),
         _mover(sink, movers),
         interval_s=config.commit_interval_s,
         check=lease.check,
     )
-    ds = build_dataset(config, job, units, sink, actors, embedder, embedder_kwargs, discover)
     try:
-        for part in _parts(ds):
-            if part is None:
-                committer.tick()
-            else:
-                startup.setdefault("first_part", time.perf_counter() - start)
-                committer.add(part)
+        while (this := rounds.next()) is not None:
+            committer.begin_round(this.units)
+            ds = build_dataset(
+                config, job, this.units, sink, actors, embedder, embedder_kwargs, discover, this.laps
+            )
+            for part in _parts(ds):
+                if part is None:
+                    committer.tick()
+                else:
+                    startup.setdefault("first_part", time.perf_counter() - start)
+                    committer.add(part)
+                if committer.stats.rows and "first_row" not in startup:
+                    startup["first_row"] = time.perf_counter() - start
+            del ds  # the execution's state (Ray Data's statistics of every block) goes with it
+            reports = _lap_reports(job, box, this.laps)
+            committer.finish({r.partition: r.units for r in reports})
+            rounds.reported(this.laps, reports)
             if committer.stats.rows and "first_row" not in startup:
                 startup["first_row"] = time.perf_counter() - start
-        committer.finish(_streamed(job, box))
-        if committer.stats.rows and "first_row" not in startup:
-            startup["first_row"] = time.perf_counter() - start
     finally:
         movers.shutdown()
         if not committer.moving:  # committed units still staged are moved into place by the next run
             sink.remove_staging()  # parts of units that did not complete are never used
-    summary = Summary.of(config, run_id, job, time.perf_counter() - start, committer.stats, actors, startup)
+    seconds = time.perf_counter() - start
+    summary = Summary.of(config, run_id, job, seconds, committer.stats, actors, startup, rounds.count)
     run_ledger.finish(
         {
             "run_id": run_id,

@@ -129,14 +129,14 @@ class Walker:
     def pages(self, partition: Partition, size: int = PAGE) -> Iterator[list[Entry]]:
         """The partition's files in `rel` order, `size` at a time."""
         if partition.recursive and self.local:
-            entries = _in_range(self._local_tree(partition.prefix), partition)
+            entries = _in_range(self._local_tree(partition.prefix, partition.after), partition)
         elif partition.recursive:
             entries = _in_range(self._s3_tree(partition.prefix, partition.after), partition)
         elif partition.files is not None:
-            entries = iter(partition.files)
+            entries = _in_range(iter(partition.files), partition)
         else:
             files, _, _ = self.list_dir(partition.prefix)
-            entries = iter(files)
+            entries = _in_range(iter(files), partition)
         page: list[Entry] = []
         for entry in entries:
             page.append(entry)
@@ -156,16 +156,18 @@ class Walker:
             entries.append(entry)
         return entries, True
 
-    def _local_tree(self, prefix: str) -> Iterator[Entry]:
+    def _local_tree(self, prefix: str, after: str | None = None) -> Iterator[Entry]:
+        """Every file under `prefix` in rel order; with `after`, the directories whose every rel comes
+        before it are not entered (the files are left to `_in_range`)."""
         files, dirs, _ = self.list_dir(prefix)
         # A directory 'a/' sorts as 'a/' among its siblings' names, so a depth-first walk in that order
         # yields every rel in string order ('a.txt' < 'a/x' < 'a0').
         children: list[tuple[str, Entry | None]] = [(e[1], e) for e in files] + [(d, None) for d in dirs]
         for name, entry in sorted(children, key=lambda c: c[0]):
-            if entry is None:
-                yield from self._local_tree(name)
-            else:
+            if entry is not None:
                 yield entry
+            elif after is None or name > after or after.startswith(name):
+                yield from self._local_tree(name, after)
 
     def _s3_tree(self, prefix: str, after: str | None = None) -> Iterator[Entry]:
         for page in self._s3_pages(prefix, delimiter=False, after=after):

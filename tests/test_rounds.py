@@ -1,0 +1,233 @@
+"""A run in rounds (pipeline/rounds.py): bounded slices of the driver's units, partitions listed in laps that
+resume where the last stopped, and whole runs in several rounds that write every key once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.discover import (
+    STREAM_ABOVE_ENV,
+    DiscoverUnits,
+    PartitionReport,
+    SortedKeys,
+    partition_of,
+    sort_bucket,
+)
+from pipeline.embed import FakeEmbedPatches
+from pipeline.ledger_index import SHARDS_SCHEMA, CommittedShards, Index
+from pipeline.rounds import ROUND_OBJECTS, ROUND_OBJECTS_ENV, Rounds, objects_in, round_objects
+from pipeline.run import run
+from pipeline.sources import Shard
+from pipeline.sources import walk as walk_module
+from pipeline.sources.walk import Partition, Walker, explore
+from pipeline.units import Unit
+from tests.conftest import job_env, small_config
+from tests.ray_head import RayHead
+from tests.test_discover import _images, _keys, _names
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = {"embedding_dim": 192, "num_classes": 1000}
+
+
+def _files(n: int, start: int = 0) -> tuple[Shard, ...]:
+    return tuple(
+        Shard(path=f"/x/{i}.jpg", rel=f"{i}.jpg", kind="file", size=10) for i in range(start, start + n)
+    )
+
+
+def test_the_bound_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(ROUND_OBJECTS_ENV, raising=False)
+    assert round_objects() == ROUND_OBJECTS
+    monkeypatch.setenv(ROUND_OBJECTS_ENV, "2500")
+    assert round_objects() == 2500
+    monkeypatch.setenv(ROUND_OBJECTS_ENV, "0")
+    assert round_objects() is None
+
+
+def test_the_drivers_units_go_in_slices_of_at_most_the_bound_in_order():
+    units = [Unit(i, _files(4, 4 * i)) for i in range(10)]
+    shard = Shard(path="/x/a.tar", rel="a.tar", kind="tar", size=20 * 64 * 1024)
+    units.append(Unit(10, (shard,)))  # a shard counts by its bytes: 20 objects, over the bound alone
+    assert objects_in(units[0]) == 4 and objects_in(units[10]) == 20
+    rounds = Rounds(units, [], files_per_unit=4, bound=10)
+    seen = []
+    while (r := rounds.next()) is not None:
+        assert not r.laps
+        assert sum(objects_in(u) for u in r.units) <= 10 or len(r.units) == 1
+        seen.append([u.id for u in r.units])
+    assert seen == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]] and rounds.count == 6
+    one = Rounds(units, [], files_per_unit=4, bound=None)
+    assert [u.id for u in one.next().units] == list(range(11)) and one.next() is None  # type: ignore[union-attr]
+
+
+def _committed(tmp_path: Path, rels: list[str]) -> CommittedShards:
+    records = pa.table(
+        {
+            "rel": rels,
+            "rows": [1] * len(rels),
+            "errors": [0] * len(rels),
+            "file": ["part-x.parquet"] * len(rels),
+        },
+        schema=SHARDS_SCHEMA,
+    )
+    return CommittedShards(Index(str(tmp_path / "out")), records)
+
+
+def _run_laps(stage_of, partitions, per_unit: int, bound: int, units=()):
+    """Rounds driven as a run drives them, with the discover stage in this process: the units of every
+    round, and the reports."""
+    reports: list[PartitionReport] = []
+    stage = stage_of(reports.append)
+    rounds = Rounds(list(units), partitions, per_unit, bound)
+    made: list[list[Unit]] = []
+    while (r := rounds.next()) is not None:
+        reports.clear()
+        this = list(r.units)
+        for lap in r.laps:
+            this += list(stage.units(lap.partition, lap.seq, lap.quota))
+        assert len(reports) == len(r.laps)
+        made.append(this)
+        rounds.reported(r.laps, list(reports))
+    return made
+
+
+def test_partitions_are_listed_in_laps_that_resume_after_the_last_file_taken(tmp_path: Path):
+    src = tmp_path / "in"
+    names = [
+        *_names(3, 10),
+        *(f"d01/sub/{i:02d}.jpg" for i in range(7)),
+        *(f"flat/{i:03d}.jpg" for i in range(40)),
+    ]
+    _images(src, names)
+    walker = Walker(str(src))
+    partitions = explore(walker, target=3).partitions
+    assert any(p.recursive for p in partitions)
+    done = sorted(names)[::5]
+    committed = _committed(tmp_path, done)
+
+    def stage(report):
+        return DiscoverUnits(str(src), 3, committed, report=report)
+
+    whole = [u for p in partitions for u in stage(lambda r: None).units(p)]
+    made = _run_laps(stage, partitions, per_unit=3, bound=7)
+    assert len(made) > 3, "several rounds"
+    assert all(sum(len(u.shards) for u in this) <= 7 + 3 for this in made), "a round stays near its bound"
+    every = [u for this in made for u in this]
+    rels = [s.rel for u in every for s in u.shards]
+    assert Counter(rels) == Counter(set(names) - set(done)), "every new file once, none committed"
+    assert len({u.id for u in every}) == len(every)
+    for p in partitions:  # a partition's units are numbered on across its laps, in listing order
+        mine = [u for u in every if partition_of(u.id) == p.id]
+        assert [u.id & 0xFFFFFFFF for u in mine] == list(range(len(mine)))
+        assert [s.rel for u in mine for s in u.shards] == [
+            s.rel for u in whole if partition_of(u.id) == p.id for s in u.shards
+        ]
+
+
+def test_laps_over_a_manifests_buckets_resume_too(tmp_path: Path):
+    rels = [f"k/{i:05d}.jpg" for i in range(0, 3000, 7)]
+    table = pa.table(
+        {"bucket": pa.array([0] * len(rels), pa.int32()), "rel": rels[::-1], "size": [1] * len(rels)}
+    )
+    row = sort_bucket(table, str(tmp_path / "scratch")).to_pylist()[0]
+    bucket = SortedKeys(0, row["uri"], row["keys"])
+    committed = _committed(tmp_path, rels[10:20])
+
+    def stage(report):
+        return DiscoverUnits(str(tmp_path / "in"), 16, committed, report=report)
+
+    made = _run_laps(stage, [bucket], per_unit=16, bound=100)
+    assert len(made) == 4
+    got = [s.rel for this in made for u in this for s in u.shards]
+    assert got == [r for r in rels if r not in set(rels[10:20])]
+    later = SortedKeys(0, row["uri"], row["keys"], after=rels[200])
+    assert [e[1] for page in later.pages(Walker(str(tmp_path / "in")), size=50) for e in page] == rels[201:]
+
+
+@pytest.mark.parametrize(
+    "after", ["d01/", "d01", "d01/005.jpg", "d01/sub/", "d01/sub/03.jpg", "d0", "e", "", "a"]
+)
+def test_a_local_tree_listed_after_a_key_holds_exactly_the_files_after_it(tmp_path: Path, after: str):
+    src = tmp_path / "in"
+    names = [*_names(3, 10), *(f"d01/sub/{i:02d}.jpg" for i in range(7)), "d01.jpg", "d01/sub.jpg"]
+    _images(src, names)
+    walker = Walker(str(src))
+    got = [e[1] for page in walker.pages(Partition(0, "", True, after=after or None), size=4) for e in page]
+    assert got == sorted(n for n in names if n > after)
+
+
+# ---- whole runs in rounds
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "driver"])
+def test_a_run_in_rounds_writes_every_key_once_and_a_rerun_only_the_new(
+    tmp_path: Path, ray_local: None, monkeypatch, streamed: bool
+):
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = _names(4, 9)
+    _images(src, names)
+    monkeypatch.setenv(STREAM_ABOVE_ENV, "0" if streamed else "1000000")
+    monkeypatch.setenv(ROUND_OBJECTS_ENV, "10")
+    monkeypatch.setattr(walk_module, "EXPLORE_FILES", 4)  # some directories are left whole to a worker
+    monkeypatch.setattr("pipeline.run.files_per_unit", lambda n, slots: 3)
+    monkeypatch.setattr("pipeline.units.files_per_unit", lambda n, slots: 3)
+    config = small_config(src, out, batch_size=8, commit_interval_s=0)
+    summary = run(config, embedder=FakeEmbedPatches, embedder_kwargs=FAKE)
+    assert summary.rounds >= 3 and "rounds" in summary.describe(), summary
+    assert summary.processed == len(names) and sorted(_keys(out)) == sorted(names)
+
+    _images(src, _names(4, 2, tag="new-"), seed=1)
+    summary = run(config, embedder=FakeEmbedPatches, embedder_kwargs=FAKE)
+    assert summary.processed == 8 and summary.skipped == len(names), summary
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) and set(keys) == {*names, *_names(4, 2, tag="new-")}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_driver_killed_in_a_later_round_then_rerun_writes_every_key_once(
+    tmp_path: Path, ray_cluster: RayHead, ray_local: None
+):
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = _names(6, 20)
+    _images(src, names)
+    # Rounds of 40 objects (a unit holds 256 files at least, so a round is one unit of each of a few
+    # partitions); killed at the third commit, after the first round.
+    env = job_env(
+        ray_cluster, **{STREAM_ABOVE_ENV: "0", ROUND_OBJECTS_ENV: "40", "VIT_EMBED_CRASH_AT": "recorded:3"}
+    )
+    small = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "8"]
+    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", str(src), "--output", str(out), *small]
+    crashed = subprocess.run(
+        [*cmd, "--commit-interval", "0"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    seen = _keys(out) if list(out.glob("*.parquet")) else []
+    assert len(seen) == len(set(seen)) and 0 < len(seen) < len(names), "the crash came mid-run"
+    env.pop("VIT_EMBED_CRASH_AT")
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    keys = pads.dataset(str(out), format="parquet").to_table(columns=["key"])["key"].to_pylist()
+    assert sorted(keys) == sorted(names), "rows lost or written twice"
+
+
+def test_a_local_tree_listed_after_a_key_does_not_enter_the_directories_before_it(
+    tmp_path: Path, monkeypatch
+):
+    src = tmp_path / "in"
+    _images(src, [*_names(4, 3), "d01/sub/x.jpg"])
+    walker = Walker(str(src))
+    listed: list[str] = []
+    real = walker.list_dir
+    monkeypatch.setattr(walker, "list_dir", lambda prefix, *a: listed.append(prefix) or real(prefix, *a))
+    got = [e[1] for page in walker.pages(Partition(0, "", True, after="d01/sub/x.jpg")) for e in page]
+    assert got == [*_names(4, 3)][6:] and listed == ["", "d01/", "d01/sub/", "d02/", "d03/"]
