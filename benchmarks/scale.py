@@ -308,6 +308,7 @@ def boto3_parallel_list(uri: str, threads: int) -> int:
         return loose + sum(pool.map(count, prefixes))
 
 
+RSS_EVERY_S = 2.0  # a full run's driver RSS is sampled this often
 RUN_PLANNERS = {  # VIT_EMBED_STREAM_ABOVE for each planner of a full run
     "driver": str(10**15),  # the driver lists the input and makes every unit (the small-input path)
     "streamed": "0",  # listing partitions, listed by the discover stage in workers
@@ -345,8 +346,15 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
                 return
             time.sleep(0.05)
 
+    series: list[int] = []  # the driver's RSS every RSS_EVERY_S, for its course over the run
+
+    def sample() -> None:
+        while not stop.wait(RSS_EVERY_S):
+            series.append(rss_bytes())
+
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    threading.Thread(target=sample, daemon=True).start()
     config = JobConfig(input=input, output=output, commit_interval_s=1.0, **MODEL)  # type: ignore[arg-type]
     summary = run(
         config,
@@ -360,6 +368,8 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
         "first_row_s": first[0] if first else None,
         "rss_first_row": first_rss[0] if first_rss else None,
         "rss_end": rss_bytes(),
+        # at a quarter, half and three quarters of the run
+        "rss_course": [series[len(series) * q // 4] for q in (1, 2, 3)] if len(series) >= 4 else [],
         "rounds": summary.rounds,
         "rows": summary.processed,
         "skipped": summary.skipped,
@@ -630,19 +640,20 @@ def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
 
 RUN_HEAD = (
     "| planner | objects per round | objects | case | rounds | rows written | skipped "
-    "| first committed row s | total s | rows/s | driver RSS MiB at first row | at end | peak |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| first committed row s | total s | rows/s | driver RSS MiB at first row | at ¼ / ½ / ¾ | at end "
+    "| peak |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def print_run_row(r: dict) -> None:
     first = f"{r['first_row_s']:.1f}" if r["first_row_s"] is not None else "—"
     at_first = f"{r['rss_first_row'] / 2**20:,.0f}" if r["rss_first_row"] else "—"
+    course = " / ".join(f"{b / 2**20:,.0f}" for b in r.get("rss_course", [])) or "—"
     bound = "default" if r["bound"] is None else "all" if r["bound"] == 0 else human(r["bound"])
     print(
         f"| {r['planner']} | {bound} | {human(r['size'])} | {r['case']} | {r['rounds']} | {r['rows']:,} "
         f"| {r['skipped']:,} | {first} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {at_first} "
-        f"| {r['rss_end'] / 2**20:,.0f} | {r['peak_rss'] / 2**20:,.0f} |",
+        f"| {course} | {r['rss_end'] / 2**20:,.0f} | {r['peak_rss'] / 2**20:,.0f} |",
         flush=True,
     )
 

@@ -178,27 +178,3 @@ def write_batch_rows(actors: ActorStage, gmacs: float, interval_s: float) -> int
     per_actor = GPU_GMACS_PER_S if gpu else CPU_GMACS_PER_S * float(actors.remote_args["num_cpus"])
     rate = min(actors.size * per_actor / max(gmacs, 1e-9), actors.task_slots * DECODE_IMAGES_PER_S)
     return int(min(MAX_WRITE_ROWS, max(actors.batch_size, rate * interval_s)))
-
-
-class ReportBox:
-    """A Ray actor's class: the discover stage's partition reports (pipeline/discover.py), one per
-    partition (a retried task's report replaces its first), for the driver to take at the end of a round."""
-
-    def __init__(self) -> None:
-        self.reports: dict[int, Any] = {}
-
-    def add(self, report: Any) -> None:
-        self.reports[report.partition] = report
-
-    def take(self) -> list[Any]:
-        """The reports so far, which the box then forgets (the next round's laps report anew)."""
-        reports, self.reports = list(self.reports.values()), {}
-        return reports
-
-
-def send_report(box: Any, report: Any) -> None:
-    """Hands a partition report to a ReportBox actor and waits for it to be taken (a task's calls still in
-    flight when it ends could be lost)."""
-    import ray
-
-    ray.get(box.add.remote(report))

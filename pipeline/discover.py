@@ -69,24 +69,33 @@ class PartitionReport:
     shards: int  # files in this lap's units
     skipped_shards: int  # files this lap found already committed
     skipped_rows: int
-    # The partition's last file this lap took, when it stopped at its quota (the next lap lists the files
-    # after it); None when the lap listed the partition to its end.
+    # True when the lap stopped because its round was full: the partition's next lap lists the files
+    # after `resume` (None: from the partition's start).
+    more: bool = False
     resume: str | None = None
 
 
 @dataclass(frozen=True)
 class Lap:
     """What one discover task lists of a partition in one round of the run (pipeline/rounds.py): its files
-    after `partition.after`, as units numbered from `seq`, and at most `quota` units (None: all of them)."""
+    after `partition.after`, as units numbered from `seq`, for as long as the round has room."""
 
     partition: Partition | SortedKeys
     seq: int = 0
-    quota: int | None = None
+
+
+Grant = Callable[[int, int, int], bool]  # (partition, unit number, files) → may the round take that unit
+
+
+def always(partition: int, seq: int, files: int) -> bool:
+    return True
 
 
 class DiscoverUnits:
     """The stage's callable: a batch of `partition` objects → `unit` batches, one unit each. `report` is
-    called once per partition, after its last unit (in a run, it hands the report to the driver)."""
+    called once per partition, after its last unit (in a run, it hands the report to the driver). `grant`
+    is asked before each unit is gathered, with the most files it can hold: False ends the lap there (the
+    round is full; pipeline/rounds.py)."""
 
     def __init__(
         self,
@@ -94,10 +103,11 @@ class DiscoverUnits:
         files_per_unit: int,
         committed: CommittedShards,
         report: Callable[[PartitionReport], None] = lambda r: None,
+        grant: Grant = always,
     ) -> None:
         self.walker = Walker(input_uri)
         self.files_per_unit = files_per_unit
-        self.committed, self.report = committed, report
+        self.committed, self.report, self.grant = committed, report, grant
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """`partition` holds Laps (or Partitions, listed whole) to list, or Units the driver made, which pass
@@ -106,19 +116,18 @@ class DiscoverUnits:
             if isinstance(item, Unit):
                 units: Iterator[Unit] = iter([item])
             elif isinstance(item, Lap):
-                units = self.units(item.partition, item.seq, item.quota)
+                units = self.units(item.partition, item.seq)
             else:
                 units = self.units(item)
             for unit in units:
                 yield {"unit": np.array([unit], dtype=object)}
 
-    def units(
-        self, partition: Partition | SortedKeys, seq: int = 0, quota: int | None = None
-    ) -> Iterator[Unit]:
+    def units(self, partition: Partition | SortedKeys, seq: int = 0) -> Iterator[Unit]:
         """The partition's files after `partition.after` that are not committed, in units numbered from
-        `seq`; at most `quota` units, after which the report says where the next lap resumes."""
+        `seq`, for as long as `grant` allows; the report then says where the next lap resumes."""
         pending: list[Shard] = []
-        first, shards, skipped, skipped_rows = seq, 0, 0, 0
+        shards, skipped, skipped_rows = 0, 0, 0
+        last = partition.after  # the last file passed, committed or taken
         if isinstance(partition, SortedKeys):
             pages = partition.pages(self.walker)
         else:
@@ -127,16 +136,17 @@ class DiscoverUnits:
             done, rows = self.committed.done_in([rel for _, rel, _ in page])
             for (path, rel, size), d, r in zip(page, done, rows, strict=True):
                 if d:  # counted as it is passed: a lap that stops mid-page leaves the rest to the next
-                    skipped, skipped_rows = skipped + 1, skipped_rows + int(r)
+                    skipped, skipped_rows, last = skipped + 1, skipped_rows + int(r), rel
                     continue
+                if not pending and not self.grant(partition.id, seq, self.files_per_unit):
+                    report = PartitionReport(partition.id, seq, shards, skipped, skipped_rows, True, last)
+                    self.report(report)
+                    return
                 pending.append(Shard(path=path, rel=rel, kind="file", size=size))
+                last = rel
                 if len(pending) == self.files_per_unit:
                     yield Unit(unit_id(partition.id, seq), tuple(pending))
                     seq, shards, pending = seq + 1, shards + len(pending), []
-                    if quota is not None and seq - first == quota:
-                        resume = rel
-                        self.report(PartitionReport(partition.id, seq, shards, skipped, skipped_rows, resume))
-                        return
         if pending:
             yield Unit(unit_id(partition.id, seq), tuple(pending))
             seq, shards = seq + 1, shards + len(pending)

@@ -6,8 +6,9 @@ images is more than any head node has. So a run goes in rounds. A round is one e
 (pipeline/run.py `build_dataset`) over
 
 - a slice of the units the driver made (pipeline/units.py), in order, and
-- a lap of some of the listing partitions (pipeline/discover.py `Lap`): a discover task lists a
-  partition's files after its `after` key and stops after `quota` units, reporting the last file it took
+- a lap of each listing partition still waiting (pipeline/discover.py `Lap`), when the slice leaves room:
+  a discover task lists a partition's files after its `after` key and asks the round's `RoundBox` actor
+  before gathering each unit; when the round is full it stops, reporting the last file it passed
   (`PartitionReport.resume`). The partition's next lap, in a later round, lists the files after that one,
   numbering its units on from where the last lap stopped, so a run's unit ids never repeat.
 
@@ -22,11 +23,11 @@ known before reading: a loose file is one, a tar or Parquet shard its bytes / SH
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.discover import Lap, PartitionReport, SortedKeys
 from pipeline.sources.walk import Partition
@@ -55,17 +56,21 @@ class Round:
     number: int  # 1, 2, …
     units: list[Unit]  # units the driver made
     laps: list[Lap]  # partitions for the discover stage to list
+    room: int | None  # files the laps may take (None: all there are)
 
 
 class Rounds:
     """The rounds of a run, one at a time: `next()` gives the next round (None when nothing is left), and
-    `reported()` takes the reports of its laps, which say which partitions go on in a later round."""
+    `reported()` takes the reports of its laps, which say which partitions go on in a later round.
+
+    Every waiting partition has a lap in a round that has room left after the driver's units; the laps
+    share the room (`RoundBox.grant`, asked before each unit is gathered), so a round of many partitions
+    holding few new files lists them all, and one of a few large partitions lists each for longer."""
 
     def __init__(
         self,
         units: Sequence[Unit],
         partitions: Iterable[Partition | SortedKeys],
-        files_per_unit: int,
         bound: int | None,
     ) -> None:
         self.units = deque(units)
@@ -73,7 +78,7 @@ class Rounds:
         # are in the last directories, and reach the model without waiting for the committed ones to be
         # listed and skipped.
         self.waiting: deque[Lap] = deque(Lap(p) for p in reversed(list(partitions)))
-        self.files_per_unit, self.bound = files_per_unit, bound
+        self.bound = bound
         self.count = 0
 
     def next(self) -> Round | None:
@@ -81,7 +86,7 @@ class Rounds:
             return None
         self.count += 1
         if self.bound is None:  # everything at once
-            everything = Round(self.count, list(self.units), list(self.waiting))
+            everything = Round(self.count, list(self.units), list(self.waiting), None)
             self.units, self.waiting = deque(), deque()
             return everything
         units: list[Unit] = []
@@ -92,20 +97,63 @@ class Rounds:
             taken += objects_in(unit)
         laps: list[Lap] = []
         if self.waiting and (taken < self.bound or not units):
-            # Units this round may still make: spread over as many partitions as there are units, so a
-            # round of few large partitions lists each for longer, and one of many lists one unit of each.
-            room = max(1, math.ceil((self.bound - taken) / self.files_per_unit))
-            listed = min(len(self.waiting), room)
-            quota = max(1, room // listed)
-            laps = [dataclasses.replace(self.waiting.popleft(), quota=quota) for _ in range(listed)]
-        return Round(self.count, units, laps)
+            laps, self.waiting = list(self.waiting), deque()
+        return Round(self.count, units, laps, max(0, self.bound - taken))
 
     def reported(self, laps: Sequence[Lap], reports: Iterable[PartitionReport]) -> None:
-        """The laps of the round just finished, and their reports: a lap that stopped at its quota goes on
-        in a later round from the file after the last it took."""
+        """The laps of the round just finished, and their reports: a lap that stopped because the round was
+        full goes on in a later round from the file after the last it passed."""
         by_partition = {r.partition: r for r in reports}
         for lap in laps:
             report = by_partition[lap.partition.id]
-            if report.resume is not None:
+            if report.more:
                 partition = dataclasses.replace(lap.partition, after=report.resume)
                 self.waiting.append(Lap(partition, seq=report.units))
+
+
+class RoundBox:
+    """A Ray actor's class, shared by a round's discover tasks: the room left in the round, and the
+    partition reports (one per partition; a retried task's replaces its first) for the driver to take at
+    the round's end."""
+
+    def __init__(self) -> None:
+        self.reports: dict[int, PartitionReport] = {}
+        self.room: int | None = None
+        self.granted = 0
+        self.answers: dict[tuple[int, int], bool] = {}
+
+    def open(self, room: int | None) -> None:
+        """A new round, whose laps may take `room` files (None: all there are)."""
+        self.room, self.granted, self.answers, self.reports = room, 0, {}, {}
+
+    def grant(self, partition: int, seq: int, files: int) -> bool:
+        """May the round take unit `seq` of `partition`, of up to `files` files? Always the first unit asked
+        for (a round makes progress); then while the room lasts. The same question gets the same answer: a
+        retried task forms the same units as its first attempt."""
+        key = (partition, seq)
+        if key not in self.answers:
+            fits = self.room is None or self.granted == 0 or self.granted + files <= self.room
+            self.answers[key] = fits
+            self.granted += files if fits else 0
+        return self.answers[key]
+
+    def add(self, report: PartitionReport) -> None:
+        self.reports[report.partition] = report
+
+    def take(self) -> list[PartitionReport]:
+        return list(self.reports.values())
+
+
+def send_report(box: Any, report: PartitionReport) -> None:
+    """Hands a partition report to a RoundBox actor and waits for it to be taken (a task's calls still in
+    flight when it ends could be lost)."""
+    import ray
+
+    ray.get(box.add.remote(report))
+
+
+def ask_grant(box: Any, partition: int, seq: int, files: int) -> bool:
+    """`RoundBox.grant`, asked of the round's actor."""
+    import ray
+
+    return ray.get(box.grant.remote(partition, seq, files))

@@ -22,10 +22,8 @@ from typing import Any
 
 from pipeline.cluster import (
     ActorStage,
-    ReportBox,
     actor_stage,
     ensure_ray,
-    send_report,
     write_batch_rows,
 )
 from pipeline.commit import CommitStats, Committer
@@ -44,7 +42,7 @@ from pipeline.embed import EmbedPatches
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger, RunLedger, UnitRecord, compact_output
 from pipeline.plan import Plan, plan
-from pipeline.rounds import Rounds, round_objects
+from pipeline.rounds import Round, RoundBox, Rounds, ask_grant, round_objects, send_report
 from pipeline.sink import STAGING_DIR, ParquetSink, write_parts
 from pipeline.sources import ReadShards
 from pipeline.storage import InputError
@@ -391,6 +389,14 @@ def allow_python_objects() -> None:
     ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type = True
 
 
+def _open_round(box: Any, this: Round) -> None:
+    """Tells the discover stage's RoundBox how many files the round's laps may take."""
+    if this.laps:
+        import ray
+
+        ray.get(box.open.remote(this.room))
+
+
 def _lap_reports(job: Plan, box: Any, laps: list[Lap]) -> list[PartitionReport]:
     """The discover stage's reports on a round's laps, taken from `box`; adds what they skipped to `job`."""
     if not laps:
@@ -507,15 +513,15 @@ def _run(
 
     actors = actor_stage(config, job)
     units = make_units(job.shards, actors.task_slots, retry=job.retry)
-    per_unit = files_per_unit(STREAM_ABOVE, actors.task_slots)  # whatever VIT_EMBED_STREAM_ABOVE says
-    rounds = Rounds(units, job.partitions, per_unit, round_objects())
+    rounds = Rounds(units, job.partitions, round_objects())
     discover, box = None, None
     if job.partitions:  # the discover tasks read the index, which holds every committed shard by now
         import ray
 
-        box = ray.remote(num_cpus=0)(ReportBox).remote()
-        report = functools.partial(send_report, box)
-        discover = DiscoverUnits(config.input, per_unit, job.ledger.shards(), report)
+        box = ray.remote(num_cpus=0)(RoundBox).remote()
+        per_unit = files_per_unit(STREAM_ABOVE, actors.task_slots)  # whatever VIT_EMBED_STREAM_ABOVE says
+        report, grant = functools.partial(send_report, box), functools.partial(ask_grant, box)
+        discover = DiscoverUnits(config.input, per_unit, job.ledger.shards(), report, grant)
     sink = ParquetSink(config.output, job.output, run_id, {**job.identity, "run_id": run_id})
     run_ledger = RunLedger(config.output, run_id)
     run_ledger.start({"run_id": run_id, "started_at": started_at, "identity": job.identity})
@@ -531,6 +537,7 @@ def _run(
     try:
         while (this := rounds.next()) is not None:
             committer.begin_round(this.units)
+            _open_round(box, this)
             ds = build_dataset(
                 config, job, this.units, sink, actors, embedder, embedder_kwargs, discover, this.laps
             )

@@ -176,8 +176,8 @@ def test_a_discover_task_that_dies_mid_listing_is_retried_and_every_key_is_writt
     _images(src, names)
 
     class DiesOnce(DiscoverUnits):  # defined in the test: Ray pickles it by value
-        def units(self, partition, seq=0, quota=None):
-            for n, unit in enumerate(super().units(partition, seq, quota)):
+        def units(self, partition, seq=0):
+            for n, unit in enumerate(super().units(partition, seq)):
                 if n == 2 and not marker.exists():
                     marker.touch()
                     os._exit(1)  # the worker process dies after its partition's first two units

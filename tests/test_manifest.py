@@ -513,7 +513,10 @@ def test_a_key_outside_the_input_found_by_a_worker_stops_the_run_before_anything
         weights="random",
         image_size=32,
     )
-    with pytest.raises(InputError, match=r"names 1 object outside --input .*'\.\./escape\.jpg'"):
+    # A worker counts what its data file names, and says which file that is.
+    with pytest.raises(
+        InputError, match=r"\(in [^)]*1\.parquet\) names 1 object outside --input .*'\.\./escape"
+    ):
         run(config, embedder=FakeEmbedPatches, embedder_kwargs={"embedding_dim": 192, "num_classes": 1000})
     assert not list(out.glob("part-*")) and not list(out.glob("_runs/*/commit-*.json"))
 

@@ -15,14 +15,13 @@ import pytest
 from pipeline.discover import (
     STREAM_ABOVE_ENV,
     DiscoverUnits,
-    PartitionReport,
     SortedKeys,
     partition_of,
     sort_bucket,
 )
 from pipeline.embed import FakeEmbedPatches
 from pipeline.ledger_index import SHARDS_SCHEMA, CommittedShards, Index
-from pipeline.rounds import ROUND_OBJECTS, ROUND_OBJECTS_ENV, Rounds, objects_in, round_objects
+from pipeline.rounds import ROUND_OBJECTS, ROUND_OBJECTS_ENV, RoundBox, Rounds, objects_in, round_objects
 from pipeline.run import run
 from pipeline.sources import Shard
 from pipeline.sources import walk as walk_module
@@ -56,14 +55,14 @@ def test_the_drivers_units_go_in_slices_of_at_most_the_bound_in_order():
     shard = Shard(path="/x/a.tar", rel="a.tar", kind="tar", size=20 * 64 * 1024)
     units.append(Unit(10, (shard,)))  # a shard counts by its bytes: 20 objects, over the bound alone
     assert objects_in(units[0]) == 4 and objects_in(units[10]) == 20
-    rounds = Rounds(units, [], files_per_unit=4, bound=10)
+    rounds = Rounds(units, [], bound=10)
     seen = []
     while (r := rounds.next()) is not None:
         assert not r.laps
         assert sum(objects_in(u) for u in r.units) <= 10 or len(r.units) == 1
         seen.append([u.id for u in r.units])
     assert seen == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]] and rounds.count == 6
-    one = Rounds(units, [], files_per_unit=4, bound=None)
+    one = Rounds(units, [], bound=None)
     assert [u.id for u in one.next().units] == list(range(11)) and one.next() is None  # type: ignore[union-attr]
 
 
@@ -80,21 +79,25 @@ def _committed(tmp_path: Path, rels: list[str]) -> CommittedShards:
     return CommittedShards(Index(str(tmp_path / "out")), records)
 
 
-def _run_laps(stage_of, partitions, per_unit: int, bound: int, units=()):
-    """Rounds driven as a run drives them, with the discover stage in this process: the units of every
-    round, and the reports."""
-    reports: list[PartitionReport] = []
-    stage = stage_of(reports.append)
-    rounds = Rounds(list(units), partitions, per_unit, bound)
+def _run_laps(stage_of, partitions, bound: int, units=(), retried: bool = False):
+    """Rounds driven as a run drives them, with the discover stage and its RoundBox in this process: the
+    units of every round. `retried`: every lap runs twice, as a task Ray retries (the second's units are
+    checked against the first's and kept)."""
+    box = RoundBox()
+    stage = stage_of(box.add, box.grant)
+    rounds = Rounds(list(units), partitions, bound)
     made: list[list[Unit]] = []
     while (r := rounds.next()) is not None:
-        reports.clear()
+        box.open(r.room)
         this = list(r.units)
         for lap in r.laps:
-            this += list(stage.units(lap.partition, lap.seq, lap.quota))
-        assert len(reports) == len(r.laps)
+            once = list(stage.units(lap.partition, lap.seq))
+            if retried:
+                assert list(stage.units(lap.partition, lap.seq)) == once, "a retried lap forms the same units"
+            this += once
+        assert len(box.take()) == len(r.laps)
         made.append(this)
-        rounds.reported(r.laps, list(reports))
+        rounds.reported(r.laps, box.take())
     return made
 
 
@@ -112,13 +115,14 @@ def test_partitions_are_listed_in_laps_that_resume_after_the_last_file_taken(tmp
     done = sorted(names)[::5]
     committed = _committed(tmp_path, done)
 
-    def stage(report):
-        return DiscoverUnits(str(src), 3, committed, report=report)
+    def stage(report, grant):
+        return DiscoverUnits(str(src), 3, committed, report=report, grant=grant)
 
-    whole = [u for p in partitions for u in stage(lambda r: None).units(p)]
-    made = _run_laps(stage, partitions, per_unit=3, bound=7)
+    whole = [u for p in partitions for u in stage(lambda r: None, lambda *a: True).units(p)]
+    made = _run_laps(stage, partitions, bound=7, retried=True)
     assert len(made) > 3, "several rounds"
-    assert all(sum(len(u.shards) for u in this) <= 7 + 3 for this in made), "a round stays near its bound"
+    assert all(sum(len(u.shards) for u in this) <= 7 for this in made), "a round stays within its bound"
+    assert all(made), "every round makes progress"
     every = [u for this in made for u in this]
     rels = [s.rel for u in every for s in u.shards]
     assert Counter(rels) == Counter(set(names) - set(done)), "every new file once, none committed"
@@ -140,11 +144,11 @@ def test_laps_over_a_manifests_buckets_resume_too(tmp_path: Path):
     bucket = SortedKeys(0, row["uri"], row["keys"])
     committed = _committed(tmp_path, rels[10:20])
 
-    def stage(report):
-        return DiscoverUnits(str(tmp_path / "in"), 16, committed, report=report)
+    def stage(report, grant):
+        return DiscoverUnits(str(tmp_path / "in"), 16, committed, report=report, grant=grant)
 
-    made = _run_laps(stage, [bucket], per_unit=16, bound=100)
-    assert len(made) == 4
+    made = _run_laps(stage, [bucket], bound=100)
+    assert len(made) == 5 and all(len(this) == 6 for this in made[:-1]), "six units of 16 in 100 files"
     got = [s.rel for this in made for u in this for s in u.shards]
     assert got == [r for r in rels if r not in set(rels[10:20])]
     later = SortedKeys(0, row["uri"], row["keys"], after=rels[200])

@@ -98,7 +98,10 @@ def manifest_pages(uri: str, list_uri: str, files: list[ManifestFile] | None = N
     """
     target = _Target.of(uri)
     yield from _entry_pages(list_uri, target, files)
-    target.raise_refusals(list_uri)
+    # Read in part (a worker's data file), the count is that part's: the message says which.
+    target.raise_refusals(
+        list_uri if files is None else f"{list_uri} (in {', '.join(f.path for f in files)})"
+    )
 
 
 def _entry_pages(list_uri: str, target: _Target, files: list[ManifestFile] | None) -> Iterator[list[Entry]]:
@@ -179,6 +182,7 @@ class _Target:
         self.counts[kind] = self.counts.get(kind, 0) + 1
 
     def raise_refusals(self, list_uri: str) -> None:
+        """One InputError for what was refused; `list_uri` names the manifest (and which part was read)."""
         for kind in ("other_bucket", "outside"):
             if kind not in self.counts:
                 continue
