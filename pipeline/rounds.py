@@ -121,10 +121,11 @@ class RoundBox:
         self.room: int | None = None
         self.granted = 0
         self.answers: dict[tuple[int, int], bool] = {}
+        self.reserved: dict[int, int] = {}  # partition → files granted to its lap
 
     def open(self, room: int | None) -> None:
         """A new round, whose laps may take `room` files (None: all there are)."""
-        self.room, self.granted, self.answers, self.reports = room, 0, {}, {}
+        self.room, self.granted, self.answers, self.reports, self.reserved = room, 0, {}, {}, {}
 
     def grant(self, partition: int, seq: int, files: int) -> bool:
         """May the round take unit `seq` of `partition`, of up to `files` files? Always the first unit asked
@@ -134,10 +135,16 @@ class RoundBox:
         if key not in self.answers:
             fits = self.room is None or self.granted == 0 or self.granted + files <= self.room
             self.answers[key] = fits
-            self.granted += files if fits else 0
+            if fits:
+                self.granted += files
+                self.reserved[partition] = self.reserved.get(partition, 0) + files
         return self.answers[key]
 
     def add(self, report: PartitionReport) -> None:
+        """A lap's report; the room its units did not fill (a partition's last unit is seldom full) goes
+        back to the round, once (a retried task reports the same)."""
+        if report.partition not in self.reports:
+            self.granted -= self.reserved.get(report.partition, 0) - report.shards
         self.reports[report.partition] = report
 
     def take(self) -> list[PartitionReport]:

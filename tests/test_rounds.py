@@ -235,3 +235,20 @@ def test_a_local_tree_listed_after_a_key_does_not_enter_the_directories_before_i
     monkeypatch.setattr(walker, "list_dir", lambda prefix, *a: listed.append(prefix) or real(prefix, *a))
     got = [e[1] for page in walker.pages(Partition(0, "", True, after="d01/sub/x.jpg")) for e in page]
     assert got == [*_names(4, 3)][6:] and listed == ["", "d01/", "d01/sub/", "d02/", "d03/"]
+
+
+def test_the_round_box_grants_while_the_room_lasts_and_answers_a_retry_the_same():
+    from pipeline.discover import PartitionReport
+
+    box = RoundBox()
+    box.open(10)
+    assert box.grant(0, 0, 4) and box.grant(0, 1, 4)
+    assert not box.grant(1, 0, 4), "8 + 4 files do not fit in 10"
+    box.add(PartitionReport(0, 2, 5, 0, 0))  # its second unit held 1 file: 3 files of room come back
+    assert box.grant(2, 0, 4), "5 + 4 fit"
+    box.add(PartitionReport(0, 2, 5, 0, 0))  # a retried task's report gives nothing back again
+    assert not box.grant(3, 0, 4) and not box.grant(1, 0, 4), "a question asked again gets its first answer"
+    assert box.grant(2, 0, 4) and len(box.take()) == 1
+    box.open(1)
+    assert box.grant(5, 0, 4), "the first unit of a round is always granted"
+    assert not box.grant(5, 1, 4) and not box.take()
