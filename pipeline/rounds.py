@@ -63,31 +63,35 @@ class Rounds:
     """The rounds of a run, one at a time: `next()` gives the next round (None when nothing is left), and
     `reported()` takes the reports of its laps, which say which partitions go on in a later round.
 
-    Every waiting partition has a lap in a round that has room left after the driver's units; the laps
-    share the room (`RoundBox.grant`, asked before each unit is gathered), so a round of many partitions
-    holding few new files lists them all, and one of a few large partitions lists each for longer."""
+    A round that has room left after the driver's units has a lap of every partition not listed yet, and of
+    up to twice as many partitions known to hold more new files (`resumed`) as the room holds units; the
+    laps share the room (`RoundBox.grant`, asked before each unit is gathered). So a rerun's partitions
+    without new files all finish in its first round, and a round of a few large partitions lists each for
+    longer, while few laps are started only to find the round full."""
 
     def __init__(
         self,
         units: Sequence[Unit],
         partitions: Iterable[Partition | SortedKeys],
         bound: int | None,
+        files_per_unit: int = 1,
     ) -> None:
         self.units = deque(units)
         # Last partition first: where names grow with time (dates, sequence numbers), a rerun's new files
         # are in the last directories, and reach the model without waiting for the committed ones to be
         # listed and skipped.
-        self.waiting: deque[Lap] = deque(Lap(p) for p in reversed(list(partitions)))
-        self.bound = bound
+        self.fresh: deque[Lap] = deque(Lap(p) for p in reversed(list(partitions)))
+        self.resumed: deque[Lap] = deque()
+        self.bound, self.files_per_unit = bound, files_per_unit
         self.count = 0
 
     def next(self) -> Round | None:
-        if not self.units and not self.waiting:
+        if not self.units and not self.fresh and not self.resumed:
             return None
         self.count += 1
         if self.bound is None:  # everything at once
-            everything = Round(self.count, list(self.units), list(self.waiting), None)
-            self.units, self.waiting = deque(), deque()
+            everything = Round(self.count, list(self.units), [*self.fresh, *self.resumed], None)
+            self.units, self.fresh, self.resumed = deque(), deque(), deque()
             return everything
         units: list[Unit] = []
         taken = 0
@@ -96,9 +100,14 @@ class Rounds:
             units.append(unit)
             taken += objects_in(unit)
         laps: list[Lap] = []
-        if self.waiting and (taken < self.bound or not units):
-            laps, self.waiting = list(self.waiting), deque()
-        return Round(self.count, units, laps, max(0, self.bound - taken))
+        room = max(0, self.bound - taken)
+        if (self.fresh or self.resumed) and (room or not units):
+            laps, self.fresh = list(self.fresh), deque()
+            more = max(1, 2 * -(-room // self.files_per_unit))
+            while self.resumed and more:
+                laps.append(self.resumed.popleft())
+                more -= 1
+        return Round(self.count, units, laps, room)
 
     def reported(self, laps: Sequence[Lap], reports: Iterable[PartitionReport]) -> None:
         """The laps of the round just finished, and their reports: a lap that stopped because the round was
@@ -108,7 +117,7 @@ class Rounds:
             report = by_partition[lap.partition.id]
             if report.more:
                 partition = dataclasses.replace(lap.partition, after=report.resume)
-                self.waiting.append(Lap(partition, seq=report.units))
+                self.resumed.append(Lap(partition, seq=report.units))
 
 
 class RoundBox:

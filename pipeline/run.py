@@ -229,16 +229,16 @@ def build_dataset(
     import ray
 
     allow_python_objects()
-    listing = bool(laps) and discover is not None
     # With laps, the discover stage lists their partitions into units and passes the driver's units through.
-    items: list[dict[str, Any]] = (
-        [{"partition": p} for p in [*units, *(laps or [])]] if listing else [{"unit": u} for u in units]
-    )
+    listing = discover if laps else None
+    items: list[dict[str, Any]] = [{"unit": u} for u in units]
+    if listing is not None:
+        items = [{"partition": p} for p in [*units, *(laps or [])]]
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
-    if listing and discover is not None:
+    if listing is not None:
         # One unit per block (the repartition is fused into the discover tasks): each unit is its own
         # read+decode task, and leaves its discover task as soon as it is formed.
-        ds = ds.map_batches(discover, batch_size=1).repartition(target_num_rows_per_block=1)
+        ds = ds.map_batches(listing, batch_size=1).repartition(target_num_rows_per_block=1)
     # Ray Data gathers a task's output batches into blocks of target_max_block_size (128 MiB by default)
     # before passing them on: a unit's decoded rows would then reach the model only when the whole unit is
     # done, and sit in the task's memory until then. Sized to just under one read batch's decoded rows,
@@ -513,13 +513,13 @@ def _run(
 
     actors = actor_stage(config, job)
     units = make_units(job.shards, actors.task_slots, retry=job.retry)
-    rounds = Rounds(units, job.partitions, round_objects())
+    per_unit = files_per_unit(STREAM_ABOVE, actors.task_slots)  # whatever VIT_EMBED_STREAM_ABOVE says
+    rounds = Rounds(units, job.partitions, round_objects(), per_unit)
     discover, box = None, None
     if job.partitions:  # the discover tasks read the index, which holds every committed shard by now
         import ray
 
         box = ray.remote(num_cpus=0)(RoundBox).remote()
-        per_unit = files_per_unit(STREAM_ABOVE, actors.task_slots)  # whatever VIT_EMBED_STREAM_ABOVE says
         report, grant = functools.partial(send_report, box), functools.partial(ask_grant, box)
         discover = DiscoverUnits(config.input, per_unit, job.ledger.shards(), report, grant)
     sink = ParquetSink(config.output, job.output, run_id, {**job.identity, "run_id": run_id})

@@ -79,15 +79,17 @@ def _committed(tmp_path: Path, rels: list[str]) -> CommittedShards:
     return CommittedShards(Index(str(tmp_path / "out")), records)
 
 
-def _run_laps(stage_of, partitions, bound: int, units=(), retried: bool = False):
+def _run_laps(stage_of, partitions, bound: int, per_unit: int, units=(), retried: bool = False):
     """Rounds driven as a run drives them, with the discover stage and its RoundBox in this process: the
     units of every round. `retried`: every lap runs twice, as a task Ray retries (the second's units are
     checked against the first's and kept)."""
     box = RoundBox()
     stage = stage_of(box.add, box.grant)
-    rounds = Rounds(list(units), partitions, bound)
+    rounds = Rounds(list(units), partitions, bound, per_unit)
     made: list[list[Unit]] = []
     while (r := rounds.next()) is not None:
+        # Every partition in the first round; later, twice as many as the room holds units at most.
+        assert len(r.laps) <= (len(partitions) if r.number == 1 else 2 * -(-(r.room or 0) // per_unit))
         box.open(r.room)
         this = list(r.units)
         for lap in r.laps:
@@ -119,7 +121,7 @@ def test_partitions_are_listed_in_laps_that_resume_after_the_last_file_taken(tmp
         return DiscoverUnits(str(src), 3, committed, report=report, grant=grant)
 
     whole = [u for p in partitions for u in stage(lambda r: None, lambda *a: True).units(p)]
-    made = _run_laps(stage, partitions, bound=7, retried=True)
+    made = _run_laps(stage, partitions, bound=7, per_unit=3, retried=True)
     assert len(made) > 3, "several rounds"
     assert all(sum(len(u.shards) for u in this) <= 7 for this in made), "a round stays within its bound"
     assert all(made), "every round makes progress"
@@ -147,7 +149,7 @@ def test_laps_over_a_manifests_buckets_resume_too(tmp_path: Path):
     def stage(report, grant):
         return DiscoverUnits(str(tmp_path / "in"), 16, committed, report=report, grant=grant)
 
-    made = _run_laps(stage, [bucket], bound=100)
+    made = _run_laps(stage, [bucket], bound=100, per_unit=16)
     assert len(made) == 5 and all(len(this) == 6 for this in made[:-1]), "six units of 16 in 100 files"
     got = [s.rel for this in made for u in this for s in u.shards]
     assert got == [r for r in rels if r not in set(rels[10:20])]
