@@ -26,7 +26,8 @@ The committed output is built with the project's own classes, in the order a run
 Full runs (``--runs``, e.g. 100k,1M; ``--run-planners``; ``--round-objects``, the input objects per round,
 e.g. 0,100k): ``pipeline.run.run`` with the fake model on a local Ray of 2 CPUs that the run starts, into an
 empty output and again after 1 % new files: the rounds it went in, the seconds until the first data file
-appears, the total, and the driver's RSS at the first data file, at the end and at its peak.
+appears, the total, and the driver's RSS at the first data file, at a quarter, half and three quarters of
+the run, at the end and at its peak.
 
 S3 listing (``--s3-objects``, default 20,000; 0 skips it): moto's server in a child process, the objects
 put straight into its in-memory backend, over 16 prefixes; timed in fresh children: ``list_shards``
@@ -612,12 +613,14 @@ TABLE_HEAD = (
 
 
 def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
-    """Per planner and size: a full run with the fake model into an empty output, then 1 % new files (new
-    directories) and the same run again."""
+    """Per size, planner and round setting: a full run with the fake model into an empty output, then 1 %
+    new files (new directories) and the same run again; the new directories are removed before the next
+    setting, which starts from the same N files."""
     rows = []
     for size in args.runs:
         tree = workdir / f"run-in-{size}"
         make_files(tree, 0, size, args.per_dir)
+        first_dirs = set(os.listdir(tree))
         try:
             for planner in args.run_planners:
                 for bound in args.round_objects:
@@ -630,9 +633,8 @@ def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
                         rows.append({"planner": planner, "bound": bound, "size": size, "case": case, **res})
                         print_run_row(rows[-1])
                     shutil.rmtree(out, ignore_errors=True)
-                    first_new = (size + args.per_dir) // args.per_dir  # the next setting starts from N again
-                    for d in range(first_new, first_new + size // 100 // args.per_dir + 2):
-                        shutil.rmtree(tree / f"d{d:06d}", ignore_errors=True)
+                    for new in set(os.listdir(tree)) - first_dirs:
+                        shutil.rmtree(tree / new, ignore_errors=True)
         finally:
             shutil.rmtree(tree, ignore_errors=True)
     return rows

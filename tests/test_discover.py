@@ -140,6 +140,26 @@ def test_a_streamed_run_then_reruns_write_every_key_once(tmp_path: Path, ray_loc
     assert not list(first_run.glob("commit-*.json")) and Ledger.read(str(out)).index.segments, "folded"
 
 
+def killed_job(
+    head: RayHead, src: Path, out: Path, crash_at: str, **env: str
+) -> tuple[list[str], dict[str, str], list[str]]:
+    """`python jobs/embed.py` on `head` with a tiny model, committing every unit at once, killed at
+    VIT_EMBED_CRASH_AT=`crash_at`: its command line and environment (without the crash), and the keys
+    its output shows."""
+    env = job_env(head, **env)
+    small = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "8"]
+    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", str(src), "--output", str(out), *small]
+    crashed = subprocess.run(
+        [*cmd, "--commit-interval", "0"],
+        env={**env, "VIT_EMBED_CRASH_AT": crash_at},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    return cmd, env, _keys(out) if list(out.glob("*.parquet")) else []
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_driver_killed_while_the_listing_streams_then_rerun_writes_every_key_once(
@@ -149,14 +169,7 @@ def test_a_driver_killed_while_the_listing_streams_then_rerun_writes_every_key_o
     names = _names(12, 20)
     _images(src, names)
     # A driver on the tests' Ray cluster, killed at its second commit while partitions are still listed.
-    env = job_env(ray_cluster, **{STREAM_ABOVE_ENV: "0", "VIT_EMBED_CRASH_AT": "recorded:2"})
-    small = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "8"]
-    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", str(src), "--output", str(out), *small]
-    crashed = subprocess.run(
-        [*cmd, "--commit-interval", "0"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert crashed.returncode == -9, crashed.stderr[-3000:]
-    seen = _keys(out) if list(out.glob("*.parquet")) else []
+    _, _, seen = killed_job(ray_cluster, src, out, "recorded:2", **{STREAM_ABOVE_ENV: "0"})
     assert len(seen) == len(set(seen)) and len(seen) < len(names), "the crash came before the end"
     monkeypatch.setenv(STREAM_ABOVE_ENV, "0")
     summary = run(_config(src, out), embedder=FakeEmbedPatches, embedder_kwargs=FAKE)

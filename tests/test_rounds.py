@@ -4,12 +4,10 @@ resume where the last stopped, and whole runs in several rounds that write every
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 
 from pipeline.discover import (
@@ -27,12 +25,9 @@ from pipeline.sources import Shard
 from pipeline.sources import walk as walk_module
 from pipeline.sources.walk import Partition, Walker, explore
 from pipeline.units import Unit
-from tests.conftest import job_env, small_config
+from tests.conftest import small_config
 from tests.ray_head import RayHead
-from tests.test_discover import _images, _keys, _names
-
-REPO = Path(__file__).resolve().parents[1]
-FAKE = {"embedding_dim": 192, "num_classes": 1000}
+from tests.test_discover import FAKE, _images, _keys, _names, killed_job
 
 
 def _files(n: int, start: int = 0) -> tuple[Shard, ...]:
@@ -208,22 +203,13 @@ def test_a_driver_killed_in_a_later_round_then_rerun_writes_every_key_once(
     _images(src, names)
     # Rounds of 40 objects (a unit holds 256 files at least, so a round is one unit of each of a few
     # partitions); killed at the third commit, after the first round.
-    env = job_env(
-        ray_cluster, **{STREAM_ABOVE_ENV: "0", ROUND_OBJECTS_ENV: "40", "VIT_EMBED_CRASH_AT": "recorded:3"}
+    cmd, env, seen = killed_job(
+        ray_cluster, src, out, "recorded:3", **{STREAM_ABOVE_ENV: "0", ROUND_OBJECTS_ENV: "40"}
     )
-    small = ["--model", "vit_ti_16", "--weights", "random", "--image-size", "32", "--batch-size", "8"]
-    cmd = [sys.executable, str(REPO / "jobs" / "embed.py"), "--input", str(src), "--output", str(out), *small]
-    crashed = subprocess.run(
-        [*cmd, "--commit-interval", "0"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert crashed.returncode == -9, crashed.stderr[-3000:]
-    seen = _keys(out) if list(out.glob("*.parquet")) else []
     assert len(seen) == len(set(seen)) and 0 < len(seen) < len(names), "the crash came mid-run"
-    env.pop("VIT_EMBED_CRASH_AT")
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    keys = pads.dataset(str(out), format="parquet").to_table(columns=["key"])["key"].to_pylist()
-    assert sorted(keys) == sorted(names), "rows lost or written twice"
+    assert sorted(_keys(out)) == sorted(names), "rows lost or written twice"
 
 
 def test_a_local_tree_listed_after_a_key_does_not_enter_the_directories_before_it(

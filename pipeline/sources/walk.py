@@ -128,17 +128,18 @@ class Walker:
 
     def pages(self, partition: Partition, size: int = PAGE) -> Iterator[list[Entry]]:
         """The partition's files in `rel` order, `size` at a time."""
+        entries: Iterator[Entry]
         if partition.recursive and self.local:
-            entries = _in_range(self._local_tree(partition.prefix, partition.after), partition)
+            entries = self._local_tree(partition.prefix, partition.after)
         elif partition.recursive:
-            entries = _in_range(self._s3_tree(partition.prefix, partition.after), partition)
+            entries = self._s3_tree(partition.prefix, partition.after)
         elif partition.files is not None:
-            entries = _in_range(iter(partition.files), partition)
+            entries = iter(partition.files)
         else:
             files, _, _ = self.list_dir(partition.prefix)
-            entries = _in_range(iter(files), partition)
+            entries = iter(files)
         page: list[Entry] = []
-        for entry in entries:
+        for entry in _in_range(entries, partition):
             page.append(entry)
             if len(page) == size:
                 yield page
