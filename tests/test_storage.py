@@ -76,6 +76,22 @@ def test_pyarrow_and_boto3_keep_literal_keys(s3_server: str, s3_bucket: str) -> 
     assert _keys(s3, s3_bucket) == sorted([*expected, "we/decoy.bin"])
 
 
+@pytest.mark.integration
+def test_a_listing_client_leaves_timestamps_unparsed(s3_server: str, s3_bucket: str) -> None:
+    import datetime as dt
+
+    from pipeline.storage import s3_client
+
+    _put(s3_client(), s3_bucket, "a/1.jpg", "a/2.jpg")
+    parsed = s3_client().list_objects_v2(Bucket=s3_bucket)["Contents"]
+    raw = s3_client(parse_timestamps=False).list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert [(o["Key"], o["Size"]) for o in raw] == [(o["Key"], o["Size"]) for o in parsed]
+    assert isinstance(parsed[0]["LastModified"], dt.datetime)
+    assert isinstance(raw[0]["LastModified"], str)  # as S3 sent it
+    again = s3_client().list_objects_v2(Bucket=s3_bucket)["Contents"]  # other clients still parse them
+    assert isinstance(again[0]["LastModified"], dt.datetime)
+
+
 # --------------------------------------------------------------------------------------------------------
 # delete_file, delete_tree, move: no key ending in '/' afterwards
 

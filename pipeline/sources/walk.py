@@ -192,7 +192,7 @@ class Walker:
         bucket, _, _ = self.root.partition("/")
         base = self._base()
         if self._client is None:
-            self._client = storage.s3_client()
+            self._client = storage.s3_client(parse_timestamps=False)  # only keys and sizes are read
         args: dict[str, Any] = {
             "Bucket": bucket,
             "Prefix": base + prefix,
