@@ -95,6 +95,14 @@ def rss_bytes(field: str = "VmRSS") -> int:
     return 0
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user and system) of this process and of its children that have ended."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def count_opens_under(root: str) -> Callable[[], int]:
     """Counts Python-level `open` audit events (builtins.open, os.open, io.open) of paths under `root`."""
     prefix, hits = os.path.realpath(root) + os.sep, [0]
@@ -388,8 +396,9 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
 
     variant = VARIANTS.get(task.get("variant", "driver"))
     assert variant is not None
-    requests = count_s3_requests() if op in ("list_uri", "streamed_list", "boto3_parallel") else None
-    rss0 = rss_bytes()
+    listing = op in ("list_uri", "streamed_list", "boto3_parallel")
+    requests = count_s3_requests() if listing else None
+    rss0, cpu0 = rss_bytes(), cpu_seconds()
     if op == "plan":
         opened = count_opens_under(task["input"])
         out = variant.plan(task["input"], task["output"])
@@ -442,6 +451,8 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"unknown child op {op!r}")
     out["rss_start"] = rss0
     out["peak_rss"] = rss_bytes("VmHWM")
+    if listing:
+        out["cpu_s"] = cpu_seconds() - cpu0
     if requests is not None:
         out["requests"] = requests()
     return out
@@ -899,15 +910,18 @@ def stop_seaweedfs(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
-    ports = {arg.split("=")[1] for arg in server.args if ".port" in arg}  # type: ignore[union-attr]
+    command: list[str] = server.args  # type: ignore[assignment]
+    ports = {arg.split("=")[1] for arg in command if ".port" in arg}
     for sock in Path(tempfile.gettempdir()).glob("seaweedfs-*.sock"):
         if sock.stem.rsplit("-", 1)[-1] in ports:
             sock.unlink(missing_ok=True)
 
 
 def s3_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> list[dict]:
+    """The three listers over one bucket, at each of `--s3-latency-ms` (a proxy holds every request that
+    long before the server sees it; 0: none)."""
     env = {**os.environ}
-    server, proxy = None, None
+    server = None
     uri = f"s3://{S3_BUCKET}/in"
     if args.s3_endpoint:
         env["AWS_ENDPOINT_URL"] = args.s3_endpoint
@@ -926,14 +940,39 @@ def s3_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> list[
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-        if args.s3_latency_ms:  # every request waits this long in a proxy before the server answers it
-            sys.path.insert(0, str(ROOT / "tests"))
-            import s3_proxy
+    try:
+        rows = []
+        for latency in args.s3_latency_ms if server else [0.0]:
+            rows += s3_listers(
+                args, variant, uri, env, latency, args.s3_server if server else args.s3_endpoint
+            )
+        if n is not None and any(r["objects"] != n for r in rows):
+            raise RuntimeError(f"S3 listings found {[r['objects'] for r in rows]}, not {n}")
+        return rows
+    finally:
+        if server is not None and server.stdin is None:
+            stop_seaweedfs(server)
+        elif server is not None:
+            assert server.stdin is not None
+            server.stdin.close()  # moto's child stops when its stdin closes
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
-            s3_proxy.DELAY_S = args.s3_latency_ms / 1000
-            proxy = s3_proxy.FaultProxy(env["AWS_ENDPOINT_URL"], lambda method, target, attempt: "delay")
-            proxy.start()
-            env["AWS_ENDPOINT_URL"] = proxy.endpoint
+
+def s3_listers(
+    args: argparse.Namespace, variant: str, uri: str, env: dict[str, str], latency_ms: float, endpoint: str
+) -> list[dict]:
+    proxy = None
+    if latency_ms:  # every request waits this long in a proxy before the server answers it
+        sys.path.insert(0, str(ROOT / "tests"))
+        import s3_proxy
+
+        s3_proxy.DELAY_S = latency_ms / 1000
+        proxy = s3_proxy.FaultProxy(env["AWS_ENDPOINT_URL"], lambda method, target, attempt: "delay")
+        proxy.start()
+        env = {**env, "AWS_ENDPOINT_URL": proxy.endpoint}
     try:
         rows = []
         for name, task in (
@@ -956,29 +995,21 @@ def s3_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> list[
                     "objects_per_s": res["listed"] / res["seconds"],
                     "peak_rss": res["peak_rss"],
                     "requests": res.get("requests"),
-                    "endpoint": args.s3_server if server else args.s3_endpoint,
-                    "latency_ms": args.s3_latency_ms,
+                    "cpu_s": res["cpu_s"],
+                    "endpoint": endpoint,
+                    "latency_ms": latency_ms,
                 }
             )
             print(
-                f"S3 {name}: {res['listed']:,} objects in {res['seconds']:.1f} s, "
-                f"{rows[-1]['objects_per_s']:,.0f}/s, {res.get('requests')} requests",
+                f"S3 {name}, {latency_ms:g} ms: {res['listed']:,} objects in {res['seconds']:.1f} s, "
+                f"{rows[-1]['objects_per_s']:,.0f}/s, {res.get('requests')} requests, client CPU "
+                f"{res['cpu_s']:.1f} s",
                 flush=True,
             )
-        if n is not None and any(r["objects"] != n for r in rows):
-            raise RuntimeError(f"S3 listings found {[r['objects'] for r in rows]}, not {n}")
         return rows
     finally:
         if proxy is not None:
             proxy.stop()
-        if server is not None and server.stdin is None:
-            stop_seaweedfs(server)
-        elif server is not None:
-            server.stdin.close()  # moto's child stops when its stdin closes
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
 
 # ---- validation against a real run
@@ -1125,10 +1156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--s3-latency-ms",
-        type=float,
-        default=0,
-        help="with a local server: hold every request this long in a proxy first, a real endpoint's round "
-        "trip (default 0)",
+        type=lambda s: [float(x) for x in s.split(",") if x],
+        default=[0.0],
+        help="with a local server: comma-separated milliseconds to hold every request in a proxy first, a "
+        "real endpoint's round trip; each in turn (default 0)",
     )
     p.add_argument(
         "--s3-flat",
@@ -1257,12 +1288,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"×{r['peak_rss'] / mine[0]['peak_rss']:.2f}"
             )
     if report["s3"]:
-        print("\n| lister | objects | requests | seconds | objects/s | peak RSS MiB |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "\n| lister | latency ms | objects | requests | seconds | objects/s | client CPU s | peak MiB |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for r in report["s3"]:
             print(
-                f"| {r['lister']} | {r['objects']:,} | {r['requests']} | {r['seconds']:.1f} "
-                f"| {r['objects_per_s']:,.0f} | {r['peak_rss'] / 2**20:,.0f} |"
+                f"| {r['lister']} | {r['latency_ms']:g} | {r['objects']:,} | {r['requests']} "
+                f"| {r['seconds']:.1f} | {r['objects_per_s']:,.0f} | {r['cpu_s']:.1f} "
+                f"| {r['peak_rss'] / 2**20:,.0f} |"
             )
         for i in range(0, len(report["s3"]), 3):
             seq, streamed, ref = report["s3"][i : i + 3]
