@@ -29,16 +29,20 @@ empty output and again after 1 % new files: the rounds it went in, the seconds u
 appears, the total, and the driver's RSS at the first data file, at a quarter, half and three quarters of
 the run, at the end and at its peak.
 
-S3 listing (``--s3-objects``, default 20,000; 0 skips it): moto's server in a child process, the objects
-put straight into its in-memory backend, over 16 prefixes; timed in fresh children: ``list_shards``
-(sequential), the streamed lister (explore, then the partitions 8 at a time) and boto3 paginators over the
-prefixes in 8 threads (``--s3-flat``: one flat prefix of hash names instead, which the streamed lister
-splits into key ranges). ``--s3-latency-ms`` holds every request in a proxy first; moto filters the whole
-bucket for every page, so against moto these figures measure moto; ``--s3-endpoint`` lists a real one.
+S3 listing (``--s3-objects``, default 20,000; 0 skips it): a local S3 server (``--s3-server``) holding the
+objects over 16 prefixes: moto's (the objects put straight into its in-memory backend; it filters the whole
+bucket for every page, so its figures measure moto) or SeaweedFS (``pip install -e '.[bench]'``; a real
+object store whose filer lists a prefix in key order; objects written through its filer). Timed in fresh
+children: ``list_shards`` (sequential), the streamed lister (explore, then the partitions 8 at a time in 8
+processes, as discover tasks) and boto3 paginators over the prefixes in 8 threads (``--s3-flat``: one flat
+prefix of hash names instead, which the streamed lister splits into key ranges); each with its seconds,
+requests and client CPU. ``--s3-latency-ms 0,30,100`` repeats them with every request held that long in a
+proxy first (a real endpoint's round trip); ``--s3-endpoint`` lists a real endpoint.
 
     python benchmarks/scale.py --sizes 100k,1M --runs 100k             # ~40 min on 2 vCPUs
     python benchmarks/scale.py --sizes '' --s3-objects 0 --runs 1M --run-planners streamed
-    python benchmarks/scale.py --sizes '' --planner driver --s3-objects 4000 --s3-latency-ms 100
+    python benchmarks/scale.py --sizes '' --planner driver --s3-server seaweedfs --s3-objects 200000 \
+        --s3-latency-ms 0,30,100
     python benchmarks/scale.py --sizes '' --s3-objects 0 --manifests 100k,1M,5M
 
 Manifests (``--manifests``, e.g. 100k,1M; default none): a Parquet manifest (``--input-list``) of N keys in
@@ -87,7 +91,8 @@ AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testin
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
-    """This process's VmRSS (now) or VmHWM (peak), in bytes."""
+    """This process's VmRSS (now), VmHWM (peak), RssAnon (its private memory now) or RssShmem (shared
+    memory it has touched: a Ray driver's pages of the node's object store), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -352,15 +357,15 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
                 e.name.startswith("part-") and e.name not in before for e in os.scandir(output)
             ):
                 first.append(time.perf_counter() - start)
-                first_rss.append(rss_bytes())
+                first_rss.append(rss_bytes("RssAnon"))
                 return
             time.sleep(0.05)
 
-    series: list[int] = []  # the driver's RSS every RSS_EVERY_S, for its course over the run
+    series: list[int] = []  # the driver's private memory every RSS_EVERY_S, for its course over the run
 
     def sample() -> None:
         while not stop.wait(RSS_EVERY_S):
-            series.append(rss_bytes())
+            series.append(rss_bytes("RssAnon"))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -376,10 +381,15 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
     return {
         "seconds": time.perf_counter() - start,
         "first_row_s": first[0] if first else None,
-        "rss_first_row": first_rss[0] if first_rss else None,
-        "rss_end": rss_bytes(),
+        # The driver's private memory (RssAnon): its RSS less the libraries' pages (RssFile) and the
+        # object store's pages it has touched (RssShmem), which are the node's, not the driver's, and
+        # grow towards the store's size as a run reads objects from all over it.
+        "private_first_row": first_rss[0] if first_rss else None,
+        "private_end": rss_bytes("RssAnon"),
+        "private_peak": max([*series, rss_bytes("RssAnon")]),
         # at a quarter, half and three quarters of the run
-        "rss_course": [series[len(series) * q // 4] for q in (1, 2, 3)] if len(series) >= 4 else [],
+        "private_course": [series[len(series) * q // 4] for q in (1, 2, 3)] if len(series) >= 4 else [],
+        "shmem_end": rss_bytes("RssShmem"),
         "rounds": summary.rounds,
         "rows": summary.processed,
         "skipped": summary.skipped,
@@ -666,20 +676,22 @@ def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
 
 RUN_HEAD = (
     "| planner | objects per round | objects | case | rounds | rows written | skipped "
-    "| first committed row s | total s | rows/s | driver RSS MiB at first row | at ¼ / ½ / ¾ | at end "
-    "| peak |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| first committed row s | total s | rows/s | driver private MiB at first row | at ¼ / ½ / ¾ | at end "
+    "| peak | RSS peak MiB | object store pages MiB at end |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def print_run_row(r: dict) -> None:
     first = f"{r['first_row_s']:.1f}" if r["first_row_s"] is not None else "—"
-    at_first = f"{r['rss_first_row'] / 2**20:,.0f}" if r["rss_first_row"] else "—"
-    course = " / ".join(f"{b / 2**20:,.0f}" for b in r.get("rss_course", [])) or "—"
+    at_first = f"{r['private_first_row'] / 2**20:,.0f}" if r["private_first_row"] else "—"
+    course = " / ".join(f"{b / 2**20:,.0f}" for b in r.get("private_course", [])) or "—"
     bound = "default" if r["bound"] is None else "all" if r["bound"] == 0 else human(r["bound"])
     print(
         f"| {r['planner']} | {bound} | {human(r['size'])} | {r['case']} | {r['rounds']} | {r['rows']:,} "
         f"| {r['skipped']:,} | {first} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {at_first} "
-        f"| {course} | {r['rss_end'] / 2**20:,.0f} | {r['peak_rss'] / 2**20:,.0f} |",
+        f"| {course} | {r['private_end'] / 2**20:,.0f} | {r['private_peak'] / 2**20:,.0f} "
+        f"| {r['peak_rss'] / 2**20:,.0f} | {r['shmem_end'] / 2**20:,.0f} |",
         flush=True,
     )
 
@@ -1273,7 +1285,8 @@ def main(argv: list[str] | None = None) -> int:
                     small = these[0]
                     print(
                         f"{planner}, rounds of {bound if bound is not None else 'default'}, {case}: "
-                        f"{human(r['size'])} vs {human(small['size'])}: driver peak RSS "
+                        f"{human(r['size'])} vs {human(small['size'])}: driver private memory peak "
+                        f"×{r['private_peak'] / small['private_peak']:.2f}, RSS peak "
                         f"×{r['peak_rss'] / small['peak_rss']:.2f}, first committed row "
                         f"×{(r['first_row_s'] or 0) / max(1e-9, small['first_row_s'] or 0):.2f}"
                     )
