@@ -30,7 +30,9 @@ from pipeline import storage
 
 Entry = tuple[str, str, int]  # (path in the input's filesystem, rel, size)
 PAGE = 1000  # entries per page: one S3 ListObjectsV2 response
-EXPLORE_FILES = 1000  # files the driver reads of one directory (one S3 request) before leaving it whole
+# Files the driver reads of one directory before leaving it whole: one S3 page holds them and the next
+# file, so a larger directory costs the exploration one request.
+EXPLORE_FILES = PAGE - 1
 EXPLORE_DIRS = 100_000  # subdirectories the driver reads of one directory
 EXPLORE_TARGET = 256  # listing partitions the driver looks for
 SAMPLE = 1000  # files the exploration keeps, to tell loose images from tar or Parquet shards
@@ -176,9 +178,9 @@ class Walker:
                 yield entry  # type: ignore[misc]
 
     def keys_after(self, partition: Partition, start: str | None) -> tuple[list[str], bool]:
-        """One S3 request: the rels of `partition`'s range after `start` (None: from its beginning), a page
-        at most, and whether the range goes on past them."""
-        response = next(iter(self._s3_responses(partition.prefix, False, start)), {})
+        """One S3 request: the rels of `partition`'s range after `start` (None: from its beginning), a probe
+        (PROBE_KEYS) at most, and whether the range goes on past them."""
+        response = next(iter(self._s3_responses(partition.prefix, False, start, min(PROBE_KEYS, PAGE))), {})
         base = self._base()
         rels = [item["Key"][len(base) :] for item in response.get("Contents", [])]
         inside = [rel for rel in rels if partition.holds(rel)]
@@ -188,15 +190,17 @@ class Walker:
         _, _, base = self.root.partition("/")
         return f"{base}/" if base else ""
 
-    def _s3_responses(self, prefix: str, delimiter: bool, after: str | None = None) -> Iterator[dict]:
+    def _s3_responses(
+        self, prefix: str, delimiter: bool, after: str | None = None, size: int | None = None
+    ) -> Iterator[dict]:
         bucket, _, _ = self.root.partition("/")
         base = self._base()
         if self._client is None:
-            self._client = storage.s3_client(parse_timestamps=False)  # only keys and sizes are read
+            self._client = storage.shared_s3_client(parse_timestamps=False)  # only keys and sizes are read
         args: dict[str, Any] = {
             "Bucket": bucket,
             "Prefix": base + prefix,
-            "PaginationConfig": {"PageSize": PAGE},
+            "PaginationConfig": {"PageSize": size or PAGE},
         }
         if delimiter:
             args["Delimiter"] = "/"
@@ -283,14 +287,17 @@ DESCEND = [chr(c) for c in range(0x21, 0x7F)]
 SPLIT_CHARS = [*DESCEND, "\x7f", "\u0100", "\u0800", "\u3000", "\u4e00", "\u7000", "\uac00", "\U00010000"]
 MAX_SPLIT_DEPTH = 64  # characters a range's keys may share before it is left whole
 MIN_SPLIT_PAGES = 16  # a range estimated at fewer pages is listed, not cut
+# Keys one request reads while cutting ranges: enough to estimate a range's size, and a tenth of a page's
+# transfer and parsing (the driver makes these requests, one after another for each range it descends).
+PROBE_KEYS = 100
 ESTIMATE_BYTES = 8  # bytes of a key read as a number by estimated_pages
 
 
 def estimated_pages(p: Partition, page: list[str]) -> float:
-    """How many pages `p`'s key range holds, from its first (full) page: the range's width over the
-    page's, keys read as numbers after the bytes the range's bounds share, in the base of the byte values
-    seen (16 and a few for hex names, 10 for digits). Within a few times the truth for hashed and numbered
-    names; an overestimate only makes a range look worth cutting."""
+    """How many pages of len(`page`) keys `p`'s key range holds, from its first such page: the range's
+    width over the page's, keys read as numbers after the bytes the range's bounds share, in the base of
+    the byte values seen (16 and a few for hex names, 10 for digits). Within a few times the truth for
+    hashed and numbered names; an overestimate only makes a range look worth cutting."""
     lo = (p.prefix if p.after is None else p.after).encode()
     hi = p.prefix.encode() + b"\xff" if p.upto is None else p.upto.encode()
     shared = len(os.path.commonprefix([lo, hi]))  # noqa: RUF071
@@ -309,6 +316,11 @@ def estimated_pages(p: Partition, page: list[str]) -> float:
 
     width = at(keys[1]) - at(keys[0])
     return (at(hi[shared:]) - at(lo[shared:])) / width if width > 0 else float("inf")
+
+
+def _large(p: Partition, probe: list[str]) -> bool:
+    """Whether `p`'s range holds MIN_SPLIT_PAGES pages or more, from a probe of its first keys."""
+    return estimated_pages(p, probe) * len(probe) / PAGE >= MIN_SPLIT_PAGES
 
 
 def split_ranges(walker: Walker, parts: list[Partition], target: int) -> list[Partition]:
@@ -337,7 +349,7 @@ def _split(walker: Walker, p: Partition) -> list[tuple[Partition, bool]]:
     the pieces cover `p`'s range, every key once. Returns the pieces and whether each is large; `p`
     itself, not large, when it holds a few pages or cannot be cut."""
     first = walker.keys_after(p, p.after)
-    if not first[1] or estimated_pages(p, first[0]) < MIN_SPLIT_PAGES:
+    if not first[1] or not _large(p, first[0]):
         return [(p, False)]  # a few pages: listing it costs less than cutting it
     anchor = os.path.commonprefix([p.prefix if p.after is None else p.after, first[0][0]])  # noqa: RUF071
     for _ in range(MAX_SPLIT_DEPTH):
@@ -363,7 +375,7 @@ def _scan(
     walker: Walker, p: Partition, cuts: list[str], first: tuple[list[str], bool]
 ) -> list[tuple[Partition, bool]]:
     """The pieces of `p` between `cuts` that hold keys, in order, and whether each is large: from `first`
-    (the range's first page), then one request after the end of each piece found."""
+    (the range's first keys, a probe), then one request after the end of each piece found."""
     bounds = [p.after, *cuts, p.upto]
     held: list[tuple[Partition, bool]] = []
     keys, more = first
@@ -371,7 +383,7 @@ def _scan(
         i = bisect.bisect_left(cuts, keys[0])  # the piece (bounds[i], bounds[i + 1]] holds keys[0]
         piece = dataclasses.replace(p, after=bounds[i], upto=bounds[i + 1])
         full = more and all(piece.holds(k) for k in keys)
-        held.append((piece, full and estimated_pages(piece, keys) >= MIN_SPLIT_PAGES))
+        held.append((piece, full and _large(piece, keys)))
         if i == len(cuts):
             break
         keys, more = walker.keys_after(p, piece.upto)
