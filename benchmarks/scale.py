@@ -353,9 +353,11 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
 
     def watch() -> None:
         while not stop.is_set():
-            if os.path.isdir(output) and any(
-                e.name.startswith("part-") and e.name not in before for e in os.scandir(output)
-            ):
+            try:
+                names = [e.name for e in os.scandir(output)]
+            except OSError:  # not made yet
+                names = []
+            if any(name.startswith("part-") and name not in before for name in names):
                 first.append(time.perf_counter() - start)
                 first_rss.append(rss_bytes("RssAnon"))
                 return
@@ -1288,7 +1290,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{human(r['size'])} vs {human(small['size'])}: driver private memory peak "
                         f"×{r['private_peak'] / small['private_peak']:.2f}, RSS peak "
                         f"×{r['peak_rss'] / small['peak_rss']:.2f}, first committed row "
-                        f"×{(r['first_row_s'] or 0) / max(1e-9, small['first_row_s'] or 0):.2f}"
+                        + (
+                            f"×{r['first_row_s'] / small['first_row_s']:.2f}"
+                            if r["first_row_s"] and small["first_row_s"]
+                            else "—"
+                        )
                     )
     if report["manifests"]:
         print(MANIFEST_HEAD)
