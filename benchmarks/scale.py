@@ -874,8 +874,9 @@ def start_seaweedfs(
     data = workdir / "seaweedfs"
     data.mkdir()
     log = open(workdir / "seaweedfs.log", "w")  # noqa: SIM115  closed with the process
+    command = [weed, f"-logdir={workdir}", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     server = subprocess.Popen(
-        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3", *flags],
+        [*command, "-filer", "-s3", *flags],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
