@@ -1,8 +1,10 @@
 """The run in rounds: one Ray Data execution per round, each over at most `round_objects()` input objects.
 
-Ray Data keeps the statistics of every block an execution makes until the execution ends, and Ray's core
-worker keeps bookkeeping of its own: a few hundred bytes of driver memory per image, which over a billion
-images is more than any head node has. So a run goes in rounds. A round is one execution of the pipeline
+Within one execution the driver holds what the execution has made and not yet finished: the discover stage
+lists far ahead of reading, and every unit it has formed is a small object that Ray keeps in the driver
+(objects under 100 KiB live in their owner's process), with a copy in each task waiting for a CPU to read
+it; Ray Data's statistics of the execution's blocks too. Over a billion images that is more than any head
+node has, so a run goes in rounds. A round is one execution of the pipeline
 (pipeline/run.py `build_dataset`) over
 
 - a slice of the units the driver made (pipeline/units.py), in order, and
@@ -22,7 +24,10 @@ known before reading: a loose file is one, a tar or Parquet shard its bytes / SH
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -44,6 +49,17 @@ def round_objects() -> int | None:
     value = os.environ.get(ROUND_OBJECTS_ENV, "").strip()
     bound = int(value) if value else ROUND_OBJECTS
     return bound if bound > 0 else None
+
+
+def release_memory() -> None:
+    """Gives what a finished round freed back to the system: Python's garbage cycles, then the C heap's free
+    pages (glibc's `malloc_trim`; nothing elsewhere). The round's execution has freed its state, but glibc
+    keeps freed pages in its heaps for later allocations, which land among them: over 19 rounds of 16,000
+    files (benchmarks/scale.py's full run) the driver's private memory after each round went 426 → 438 MiB
+    without the trim and 403 → 411 MiB with it."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def objects_in(unit: Unit) -> int:

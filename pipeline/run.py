@@ -42,7 +42,7 @@ from pipeline.embed import EmbedPatches
 from pipeline.lease import OutputLease
 from pipeline.ledger import Ledger, RunLedger, UnitRecord, compact_output
 from pipeline.plan import Plan, plan
-from pipeline.rounds import Round, RoundBox, Rounds, ask_grant, round_objects, send_report
+from pipeline.rounds import Round, RoundBox, Rounds, ask_grant, release_memory, round_objects, send_report
 from pipeline.sink import STAGING_DIR, ParquetSink, write_parts
 from pipeline.sources import ReadShards
 from pipeline.storage import InputError
@@ -549,10 +549,11 @@ def _run(
                     committer.add(part)
                 if committer.stats.rows and "first_row" not in startup:
                     startup["first_row"] = time.perf_counter() - start
-            del ds  # the execution's state (Ray Data's statistics of every block) goes with it
+            del ds  # the execution's state (its queued units, Ray Data's statistics of its blocks) goes with it
             reports = _lap_reports(job, box, this.laps)
             committer.finish({r.partition: r.units for r in reports})
             rounds.reported(this.laps, reports)
+            release_memory()
             if committer.stats.rows and "first_row" not in startup:
                 startup["first_row"] = time.perf_counter() - start
     finally:

@@ -3,7 +3,11 @@ resume where the last stopped, and whole runs in several rounds that write every
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import subprocess
+import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +23,15 @@ from pipeline.discover import (
 )
 from pipeline.embed import FakeEmbedPatches
 from pipeline.ledger_index import SHARDS_SCHEMA, CommittedShards, Index
-from pipeline.rounds import ROUND_OBJECTS, ROUND_OBJECTS_ENV, RoundBox, Rounds, objects_in, round_objects
+from pipeline.rounds import (
+    ROUND_OBJECTS,
+    ROUND_OBJECTS_ENV,
+    RoundBox,
+    Rounds,
+    objects_in,
+    release_memory,
+    round_objects,
+)
 from pipeline.run import run
 from pipeline.sources import Shard
 from pipeline.sources import walk as walk_module
@@ -43,6 +55,39 @@ def test_the_bound_comes_from_the_environment(monkeypatch):
     assert round_objects() == 2500
     monkeypatch.setenv(ROUND_OBJECTS_ENV, "0")
     assert round_objects() is None
+
+
+def _private_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim"
+)
+def test_a_rounds_end_gives_freed_memory_back_to_the_system():
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    cycle = Cycle()
+    alive = weakref.ref(cycle)
+    del cycle
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunks = [libc.malloc(4096) for _ in range(25_000)]  # 100 MiB in the C heap, below mmap's threshold
+    for chunk in chunks:
+        ctypes.memset(chunk, 1, 4096)
+    keep = libc.malloc(64)  # after them in the heap: free() cannot give back what lies below it
+    for chunk in chunks:
+        libc.free(chunk)
+    before = _private_bytes()
+    release_memory()
+    after = _private_bytes()
+    libc.free(keep)
+    assert alive() is None, "a garbage cycle outlived the round"
+    assert before - after > 50 * 2**20, f"{(before - after) / 2**20:.0f} MiB given back of 100 freed"
 
 
 def test_the_drivers_units_go_in_slices_of_at_most_the_bound_in_order():
