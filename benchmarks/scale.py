@@ -27,8 +27,8 @@ Full runs (``--runs``, e.g. 100k,1M; ``--run-planners``; ``--round-objects``, th
 e.g. 0,100k): ``pipeline.run.run`` with the fake model on a local Ray of 2 CPUs that the run starts, into an
 empty output and again after 1 % new files: the rounds it went in, the seconds until the first data file
 appears, the total, and the driver's private memory (RssAnon) at the first data file, at a quarter, half
-and three quarters of the run, at the end and at its peak; also its RSS peak and the object store's pages it
-has touched (RssShmem) at the end.
+and three quarters of the run, at the end, at its peak, and after each round's end (the first, the last
+and the largest); also its RSS peak and the object store's pages it has touched (RssShmem) at the end.
 
 S3 listing (``--s3-objects``, default 20,000; 0 skips it): a local S3 server (``--s3-server``) holding the
 objects over 16 prefixes: moto's (the objects put straight into its in-memory backend; it filters the whole
@@ -342,10 +342,20 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
     os.environ["VIT_EMBED_STREAM_ABOVE"] = RUN_PLANNERS[planner]
     if round_objects is not None:
         os.environ["VIT_EMBED_ROUND_OBJECTS"] = str(round_objects)
+    import pipeline.run
     from pipeline.config import JobConfig
     from pipeline.embed import FakeEmbedPatches
     from pipeline.run import run
 
+    # The driver's private memory at each round's end, once the round's memory is released: the level a
+    # run's rounds leave, which over a long run shows any growth per round.
+    release, at_round_end = pipeline.run.release_memory, []
+
+    def release_and_measure() -> None:
+        release()
+        at_round_end.append(rss_bytes("RssAnon"))
+
+    pipeline.run.release_memory = release_and_measure  # type: ignore[assignment]
     start = time.perf_counter()
     first: list[float] = []
     first_rss: list[int] = []
@@ -393,6 +403,7 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
         "private_peak": max([*series, rss_bytes("RssAnon")]),
         # at a quarter, half and three quarters of the run
         "private_course": [series[len(series) * q // 4] for q in (1, 2, 3)] if len(series) >= 4 else [],
+        "private_rounds": at_round_end,
         "shmem_end": rss_bytes("RssShmem"),
         "rounds": summary.rounds,
         "rows": summary.processed,
@@ -681,8 +692,8 @@ def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
 RUN_HEAD = (
     "| planner | objects per round | objects | case | rounds | rows written | skipped "
     "| first committed row s | total s | rows/s | driver private MiB at first row | at ¼ / ½ / ¾ | at end "
-    "| peak | RSS peak MiB | object store pages MiB at end |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| peak | after round 1 → after the last (max) | RSS peak MiB | object store pages MiB at end |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -690,12 +701,14 @@ def print_run_row(r: dict) -> None:
     first = f"{r['first_row_s']:.1f}" if r["first_row_s"] is not None else "—"
     at_first = f"{r['private_first_row'] / 2**20:,.0f}" if r["private_first_row"] else "—"
     course = " / ".join(f"{b / 2**20:,.0f}" for b in r.get("private_course", [])) or "—"
+    ends = [b / 2**20 for b in r.get("private_rounds", [])]
+    levels = f"{ends[0]:,.0f} → {ends[-1]:,.0f} ({max(ends):,.0f})" if ends else "—"
     bound = "default" if r["bound"] is None else "all" if r["bound"] == 0 else human(r["bound"])
     print(
         f"| {r['planner']} | {bound} | {human(r['size'])} | {r['case']} | {r['rounds']} | {r['rows']:,} "
         f"| {r['skipped']:,} | {first} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {at_first} "
         f"| {course} | {r['private_end'] / 2**20:,.0f} | {r['private_peak'] / 2**20:,.0f} "
-        f"| {r['peak_rss'] / 2**20:,.0f} | {r['shmem_end'] / 2**20:,.0f} |",
+        f"| {levels} | {r['peak_rss'] / 2**20:,.0f} | {r['shmem_end'] / 2**20:,.0f} |",
         flush=True,
     )
 
