@@ -549,7 +549,7 @@ def _run(
                     committer.add(part)
                 if committer.stats.rows and "first_row" not in startup:
                     startup["first_row"] = time.perf_counter() - start
-            del ds  # the execution's state (its queued units, Ray Data's statistics of its blocks) goes with it
+            del ds  # the execution's state (queued units, Ray Data's statistics of its blocks) goes with it
             reports = _lap_reports(job, box, this.laps)
             committer.finish({r.partition: r.units for r in reports})
             rounds.reported(this.laps, reports)
