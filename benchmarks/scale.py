@@ -29,6 +29,10 @@ empty output and again after 1 % new files: the rounds it went in, the seconds u
 appears, the total, and the driver's private memory (RssAnon) at the first data file, at a quarter, half
 and three quarters of the run, at the end, at its peak, and after each round's end (the first, the last
 and the largest); also its RSS peak and the object store's pages it has touched (RssShmem) at the end.
+``--trace-rounds A:B`` records the driver's allocations in each first run with memray (native stacks;
+``pip install -e '.[bench]'``) from the end of round A to the end of round B, and prints what of them is
+still allocated at the end of round B, by allocation site: what a run's rounds leave behind (the traced
+run's memory figures include memray's own).
 
 S3 listing (``--s3-objects``, default 20,000; 0 skips it): a local S3 server (``--s3-server``) holding the
 objects over 16 prefixes: moto's (the objects put straight into its in-memory backend; it filters the whole
@@ -44,6 +48,8 @@ proxy first (a real endpoint's round trip); ``--s3-endpoint`` lists a real endpo
     python benchmarks/scale.py --sizes '' --s3-objects 0 --runs 1M --run-planners streamed
     python benchmarks/scale.py --sizes '' --planner driver --s3-server seaweedfs --s3-objects 200000 \
         --s3-latency-ms 0,30,100
+    python benchmarks/scale.py --sizes '' --s3-objects 0 --runs 300k --run-planners streamed \
+        --round-objects 30k --trace-rounds 3:17
     python benchmarks/scale.py --sizes '' --s3-objects 0 --manifests 100k,1M,5M
 
 Manifests (``--manifests``, e.g. 100k,1M; default none): a Parquet manifest (``--input-list``) of N keys in
@@ -332,11 +338,43 @@ RUN_PLANNERS = {  # VIT_EMBED_STREAM_ABOVE for each planner of a full run
 }
 
 
-def full_run(input: str, output: str, planner: str, round_objects: int | None) -> dict[str, Any]:
+def retained_sites(capture: Path, top: int = 12) -> dict[str, Any]:
+    """What a memray capture (native traces, aggregated) holds still allocated at its end, by allocation
+    site: the first frame of Ray's, gRPC's, Arrow's or Python code in each stack."""
+    from memray import FileReader
+
+    sites: dict[str, list[int]] = {}
+    records = list(FileReader(capture).get_leaked_allocation_records(merge_threads=True))
+    for record in records:
+        stack = record.hybrid_stack_trace(max_stacks=40)
+        site = next(
+            (
+                f"{name[:80]} ({file.rsplit('/', 1)[-1]}:{line})" if file.endswith(".py") else name[:90]
+                for name, file, line in stack
+                if file.endswith(".py") or any(k in name for k in ("ray::", "grpc", "arrow"))
+            ),
+            stack[0][0][:90] if stack else "?",
+        )
+        sizes = sites.setdefault(site, [0, 0])
+        sizes[0] += record.size
+        sizes[1] += record.n_allocations
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "bytes": sum(r.size for r in records),
+        "allocations": sum(r.n_allocations for r in records),
+        "sites": [{"site": k, "bytes": v[0], "allocations": v[1]} for k, v in ranked],
+    }
+
+
+def full_run(
+    input: str, output: str, planner: str, round_objects: int | None, trace: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """`pipeline.run.run` with the fake model on 2 CPUs (a local Ray started by the run, as `python
     jobs/embed.py` does): its summary, the seconds until the first data file is committed (a thread polls
     the output for a data file it did not hold before), and the driver's RSS then and at the end.
-    `round_objects`: VIT_EMBED_ROUND_OBJECTS (None: the job's default)."""
+    `round_objects`: VIT_EMBED_ROUND_OBJECTS (None: the job's default). `trace` (a, b): memray records the
+    driver's allocations, native stacks included, from the end of round a to the end of round b, and the
+    result says what of them is still allocated at the end (`retained`)."""
     import threading
 
     os.environ["VIT_EMBED_STREAM_ABOVE"] = RUN_PLANNERS[planner]
@@ -350,10 +388,24 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
     # The driver's private memory at each round's end, once the round's memory is released: the level a
     # run's rounds leave, which over a long run shows any growth per round.
     release, at_round_end = pipeline.run.release_memory, []
+    capture = Path(output).parent / f"{Path(output).name}.memray"
+    tracker: list[Any] = []
 
     def release_and_measure() -> None:
         release()
         at_round_end.append(rss_bytes("RssAnon"))
+        if trace and len(at_round_end) == trace[0]:
+            import memray
+
+            capture.unlink(missing_ok=True)
+            tracker.append(
+                memray.Tracker(
+                    capture, native_traces=True, file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS
+                )
+            )
+            tracker[0].__enter__()
+        elif trace and len(at_round_end) == trace[1] and tracker:
+            tracker.pop().__exit__(None, None, None)
 
     pipeline.run.release_memory = release_and_measure  # type: ignore[assignment]
     start = time.perf_counter()
@@ -392,7 +444,9 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
         num_cpus=2,
     )
     stop.set()
-    return {
+    if tracker:  # the run had fewer rounds than the trace's end
+        tracker.pop().__exit__(None, None, None)
+    result = {
         "seconds": time.perf_counter() - start,
         "first_row_s": first[0] if first else None,
         # The driver's private memory (RssAnon): its RSS less the libraries' pages (RssFile) and the
@@ -411,6 +465,9 @@ def full_run(input: str, output: str, planner: str, round_objects: int | None) -
         "files": summary.files,
         "stage_seconds": summary.stage_seconds,
     }
+    # Read after the measurements: reading a capture takes memory of its own.
+    result["retained"] = retained_sites(capture) if trace and capture.exists() else None
+    return result
 
 
 def child_main(task: dict[str, Any]) -> dict[str, Any]:
@@ -454,7 +511,14 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
         out = {"listed": boto3_parallel_list(task["uri"], task["threads"])}
         out["seconds"] = time.perf_counter() - start
     elif op == "run":
-        out = full_run(task["input"], task["output"], task["planner"], task.get("round_objects"))
+        trace = task.get("trace_rounds")
+        out = full_run(
+            task["input"],
+            task["output"],
+            task["planner"],
+            task.get("round_objects"),
+            tuple(trace) if trace else None,
+        )
     elif op == "manifest":
         out = manifest_plan(task["input"], task["output"], task["list"], task["planner"])
     elif op == "ledger":
@@ -678,15 +742,42 @@ def runs_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
                         if committed:
                             make_files(tree, size + args.per_dir, max(1, size // 100), args.per_dir)
                         task = {"op": "run", "planner": planner, "input": str(tree), "output": str(out)}
-                        res = run_child({**task, "round_objects": bound})
-                        rows.append({"planner": planner, "bound": bound, "size": size, "case": case, **res})
+                        trace = args.trace_rounds if not committed else None
+                        res = run_child({**task, "round_objects": bound, "trace_rounds": trace})
+                        rows.append(
+                            {
+                                "planner": planner,
+                                "bound": bound,
+                                "size": size,
+                                "case": case,
+                                "trace_rounds": trace,
+                            }
+                            | res
+                        )
                         print_run_row(rows[-1])
                     shutil.rmtree(out, ignore_errors=True)
                     for new in set(os.listdir(tree)) - first_dirs:
                         shutil.rmtree(tree / new, ignore_errors=True)
         finally:
             shutil.rmtree(tree, ignore_errors=True)
+    for r in rows:
+        print_retained(r)
     return rows
+
+
+def print_retained(r: dict) -> None:
+    """What memray saw still allocated at the end of a traced full run's window (--trace-rounds)."""
+    if not r.get("retained"):
+        return
+    kept, a, b = r["retained"], *r["trace_rounds"]
+    print(
+        f"\n{r['planner']}, {human(r['size'])}, rounds {a}–{b} of {r['rounds']}: "
+        f"{kept['bytes'] / 2**20:.2f} MiB in {kept['allocations']:,} allocations made in those rounds and "
+        f"still held at the end of round {b} ({kept['bytes'] / max(1, b - a) / 2**20:.2f} MiB a round)"
+        "\n\n| KiB | allocations | site |\n|---|---|---|"
+    )
+    for site in kept["sites"]:
+        print(f"| {site['bytes'] / 1024:,.1f} | {site['allocations']:,} | `{site['site']}` |")
 
 
 RUN_HEAD = (
@@ -1232,6 +1323,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: [parse_size(x) for x in s.split(",") if x],
         default=[],
         help="comma-separated manifest sizes in keys, e.g. 100k,1M (default none)",
+    )
+    p.add_argument(
+        "--trace-rounds",
+        type=lambda s: [int(x) for x in s.split(":")],
+        metavar="A:B",
+        help="in each full first run, record the driver's allocations with memray (native stacks; "
+        "pip install -e '.[bench]') from the end of round A to the end of round B, and print what of them "
+        "is still allocated at B, by site",
     )
     p.add_argument("--workdir", help="where to make the trees (default: a new directory under $TMPDIR)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
