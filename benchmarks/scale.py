@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import functools
 import itertools
@@ -389,7 +390,7 @@ def full_run(
     # run's rounds leave, which over a long run shows any growth per round.
     release, at_round_end = pipeline.run.release_memory, []
     capture = Path(output).parent / f"{Path(output).name}.memray"
-    tracker: list[Any] = []
+    tracking = contextlib.ExitStack()  # memray's tracker while the trace's rounds run
 
     def release_and_measure() -> None:
         release()
@@ -398,14 +399,10 @@ def full_run(
             import memray
 
             capture.unlink(missing_ok=True)
-            tracker.append(
-                memray.Tracker(
-                    capture, native_traces=True, file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS
-                )
-            )
-            tracker[0].__enter__()
-        elif trace and len(at_round_end) == trace[1] and tracker:
-            tracker.pop().__exit__(None, None, None)
+            aggregated = memray.FileFormat.AGGREGATED_ALLOCATIONS
+            tracking.enter_context(memray.Tracker(capture, native_traces=True, file_format=aggregated))
+        elif trace and len(at_round_end) == trace[1]:
+            tracking.close()
 
     pipeline.run.release_memory = release_and_measure  # type: ignore[assignment]
     start = time.perf_counter()
@@ -444,8 +441,7 @@ def full_run(
         num_cpus=2,
     )
     stop.set()
-    if tracker:  # the run had fewer rounds than the trace's end
-        tracker.pop().__exit__(None, None, None)
+    tracking.close()  # the run had fewer rounds than the trace's end
     result = {
         "seconds": time.perf_counter() - start,
         "first_row_s": first[0] if first else None,
